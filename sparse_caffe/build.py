@@ -1,0 +1,293 @@
+"""Build stage: Debian packages, the patched tree, CMake + make with ccache, in a keyed build folder.
+
+A build folder is named by a hash of everything that goes into it (source identity, patch series,
+BLAS, Python and its numpy/protobuf, compiler, CMake options), so configurations never overwrite each
+other and an unchanged one is not rebuilt. A folder is trusted only once `complete.json` is written,
+last; an interrupted build is resumed (make is incremental) or, if its tree was never fully patched,
+redone from a fresh copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import render
+from .config import BuildOptions, cache_dir
+from .errors import UserError
+from .shell import run_logged, say, step
+from .source import SourceTree, ensure_source
+
+# Bump when the recipe below changes in a way the key would not otherwise see.
+RECIPE_VERSION = 1
+
+APT_PACKAGES = (
+    "ca-certificates", "dpkg-dev", "patch", "xz-utils", "diffutils", "cmake", "make", "g++", "ccache",
+    "libboost-dev", "libboost-filesystem-dev", "libboost-system-dev", "libboost-thread-dev",
+    "libboost-python-dev", "libgflags-dev", "libgoogle-glog-dev", "libhdf5-dev", "libprotobuf-dev",
+    "protobuf-compiler", "libopenblas-dev", "python3-dev",
+)
+MKL_REQUIREMENT = "mkl-devel==2026.2.0"
+# Caffe's own gtest suites built with every build and run by caffe_tests/.
+GTEST_SUITES = ("convolution_layer", "deconvolution_layer", "im2col_layer", "inner_product_layer")
+MAKE_TARGETS = ("caffe", "pycaffe", "test.testbin")
+KEEP_BUILDS_PER_BLAS = 3
+
+
+@dataclass(frozen=True)
+class Build:
+    """A finished build: where its pieces are, and what went into it."""
+
+    root: Path
+    key: str
+    inputs: dict
+
+    @property
+    def source(self) -> Path:
+        return self.root / "src"
+
+    @property
+    def python_path(self) -> Path:
+        return self.source / "python"
+
+    @property
+    def gtest_binary(self) -> Path:
+        return self.root / "build" / "test" / "test.testbin"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "build.log"
+
+    def env(self, base: dict | None = None) -> dict:
+        """Environment in which `import caffe` gets this build."""
+        env = dict(os.environ if base is None else base)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.python_path), env.get("PYTHONPATH")]))
+        env.setdefault("GLOG_minloglevel", "2")
+        return env
+
+
+# ----------------------------------------------------------------------------- inputs and key
+
+def python_facts(python: str = sys.executable) -> dict:
+    """The Python pycaffe is built for, with the packages whose ABI or generated code it depends on."""
+    code = ("import json, sys, sysconfig, numpy, google.protobuf as pb;"
+            "print(json.dumps({'executable': sys.executable, 'version': sys.version.split()[0],"
+            "'numpy': numpy.__version__, 'protobuf': pb.__version__,"
+            "'include': sysconfig.get_paths()['include'],"
+            "'library': sysconfig.get_config_var('LIBDIR') + '/' + sysconfig.get_config_var('LDLIBRARY')}))")
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"{python} lacks numpy or protobuf ({result.stderr.strip().splitlines()[-1:]}); "
+                        "run through ./inv, which installs requirements.txt")
+    return json.loads(result.stdout)
+
+
+def compiler_version() -> str:
+    result = subprocess.run(["g++", "-dumpfullversion"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else "missing"
+
+
+def mkl_prefix() -> Path:
+    return Path(sys.prefix)
+
+
+def mkl_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("mkl-devel")
+    except Exception:  # noqa: BLE001 - any failure means "not installed"
+        return None
+
+
+def cmake_options(options: BuildOptions, python: dict) -> list[str]:
+    flags = [
+        "-DCPU_ONLY=ON", "-DCMAKE_BUILD_TYPE=Release", "-Dpython_version=3",
+        f"-DPYTHON_EXECUTABLE={python['executable']}", f"-DPYTHON_INCLUDE_DIR={python['include']}",
+        f"-DPYTHON_LIBRARY={python['library']}", "-DBUILD_python=ON", "-DBUILD_python_layer=ON",
+        "-DUSE_OPENCV=OFF", "-DUSE_LEVELDB=OFF", "-DUSE_LMDB=OFF", "-DBUILD_docs=OFF",
+        "-DBUILD_matlab=OFF", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",
+        f"-DBUILD_only_tests={','.join(GTEST_SUITES)}",
+    ]
+    if options.blas == "mkl":
+        flags += ["-DBLAS=MKL", f"-DMKL_RT_LIBRARY={mkl_prefix() / 'lib' / 'libmkl_rt.so.3'}"]
+    else:
+        flags += ["-DBLAS=Open"]
+    return flags
+
+
+def build_inputs(source: SourceTree, options: BuildOptions, python: dict) -> dict:
+    return {
+        "recipe": RECIPE_VERSION,
+        "source": source.identity,
+        "patch_series_sha256": render.series_sha256(),
+        "blas": options.blas,
+        "mkl": mkl_version() if options.blas == "mkl" else None,
+        "python": {k: python[k] for k in ("executable", "version", "numpy", "protobuf")},
+        "compiler": compiler_version(),
+        "cmake_options": cmake_options(options, python),
+    }
+
+
+def build_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def builds_root() -> Path:
+    return cache_dir() / "builds"
+
+
+def build_dir(options: BuildOptions, key: str) -> Path:
+    return builds_root() / f"{options.blas}-{key[:16]}"
+
+
+# ----------------------------------------------------------------------------- steps
+
+def missing_apt_packages(packages=APT_PACKAGES) -> list[str]:
+    missing = []
+    for package in packages:
+        result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
+                                capture_output=True, text=True)
+        if "install ok installed" not in result.stdout:
+            missing.append(package)
+    return missing
+
+
+def install_apt_packages(log: Path) -> None:
+    missing = missing_apt_packages()
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise UserError(f"missing Debian packages: {' '.join(missing)}; install them as root with apt-get")
+    say(f"      installing {len(missing)} Debian packages: {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run_logged(["apt-get", "update", "-q"], log, env=env, what="apt-get update")
+    run_logged(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], log, env=env,
+               what="apt-get install")
+
+
+def install_mkl(log: Path) -> None:
+    if mkl_version() == MKL_REQUIREMENT.split("==")[1]:
+        return
+    say(f"      installing {MKL_REQUIREMENT} from PyPI into {sys.prefix} (about 1 GB)")
+    run_logged([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                MKL_REQUIREMENT], log, what=f"pip install {MKL_REQUIREMENT}")
+
+
+def ccache_env(base: dict | None = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    env["CCACHE_DIR"] = str(cache_dir() / "ccache")
+    # Paths under the builds folder are hashed relative to it, so every build folder (and every
+    # fresh clone) shares cache hits.
+    env["CCACHE_BASEDIR"] = str(builds_root())
+    env["CCACHE_NOHASHDIR"] = "1"
+    env.setdefault("CCACHE_MAXSIZE", "5G")
+    return env
+
+
+def prepare_tree(source: SourceTree, root: Path, log: Path) -> None:
+    marker = root / "src" / ".sparse-caffe-patched"
+    if marker.is_file():
+        return
+    shutil.rmtree(root / "src", ignore_errors=True)
+    shutil.rmtree(root / "build", ignore_errors=True)  # configured against a tree we no longer trust
+    staging = root / "src.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source.path, staging, symlinks=True)
+    render.apply_series(staging, log=log)
+    (staging / ".sparse-caffe-patched").write_text(render.series_sha256() + "\n")
+    staging.rename(root / "src")
+
+
+def configure(root: Path, options: BuildOptions, python: dict, log: Path) -> None:
+    if (root / "build" / ".sparse-caffe-configured").is_file():
+        return
+    env = ccache_env()
+    if options.blas == "mkl":
+        env["MKLROOT"] = str(mkl_prefix())
+    run_logged(["cmake", "-S", root / "src", "-B", root / "build", *cmake_options(options, python)],
+               log, env=env, what="cmake configure")
+    (root / "build" / ".sparse-caffe-configured").write_text("ok\n")
+
+
+def compile_targets(root: Path, options: BuildOptions, log: Path) -> None:
+    run_logged(["make", "-C", root / "build", f"-j{options.jobs}", *MAKE_TARGETS], log,
+               env=ccache_env(), what="make " + " ".join(MAKE_TARGETS))
+
+
+def smoke_test(build: Build, log: Path) -> None:
+    code = ("import caffe; caffe.set_conv_profiling(False); caffe.reset_conv_profile();"
+            "print(caffe.__file__)")
+    run_logged([sys.executable, "-c", code], log, env=build.env(), what="import caffe (smoke test)")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def build(options: BuildOptions, caffe_source: str | None = None) -> Build:
+    """Build (or find already built) Caffe + pycaffe + Caffe's gtests for these options."""
+    started = time.monotonic()
+    scratch_log = cache_dir() / "logs" / "build-prepare.log"
+    scratch_log.parent.mkdir(parents=True, exist_ok=True)
+    total = 6
+    with step("Debian packages", 1, total):
+        install_apt_packages(scratch_log)
+        if options.blas == "mkl":
+            install_mkl(scratch_log)
+    with step("Caffe source", 2, total):
+        source = ensure_source(caffe_source)
+    python = python_facts()
+    inputs = build_inputs(source, options, python)
+    key = build_key(inputs)
+    root = build_dir(options, key)
+    done = root / "complete.json"
+    if done.is_file():
+        say(f"up to date: {root} (nothing to do)")
+        return Build(root=root, key=key, inputs=inputs)
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "build.log"
+    (root / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+    say(f"building into {root}; log: {log}")
+    with step("patched tree", 3, total):
+        prepare_tree(source, root, log)
+    with step("cmake configure", 4, total):
+        configure(root, options, python, log)
+    with step("make " + " ".join(MAKE_TARGETS), 5, total):
+        compile_targets(root, options, log)
+    result = Build(root=root, key=key, inputs=inputs)
+    with step("import caffe", 6, total):
+        smoke_test(result, log)
+    partial = done.with_suffix(".partial")
+    partial.write_text(json.dumps({"key": key, "inputs": inputs,
+                                   "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
+    partial.rename(done)
+    prune_old_builds(options.blas, keep=root)
+    say(f"built in {time.monotonic() - started:.0f} s: {root}")
+    return result
+
+
+def locate(options: BuildOptions, caffe_source: str | None = None) -> Build:
+    """The finished build for these options and this checkout's patches, or a clear error."""
+    source = ensure_source(caffe_source)
+    inputs = build_inputs(source, options, python_facts())
+    key = build_key(inputs)
+    root = build_dir(options, key)
+    if not (root / "complete.json").is_file():
+        raise UserError(f"no finished {options.blas} build for this checkout; run ./inv build "
+                        f"--blas {options.blas}")
+    return Build(root=root, key=key, inputs=inputs)
+
+
+def prune_old_builds(blas: str, keep: Path, count: int = KEEP_BUILDS_PER_BLAS) -> None:
+    """Keep the newest few finished builds per BLAS (and any in progress); ccache keeps rebuilds cheap."""
+    finished = sorted((p for p in builds_root().glob(f"{blas}-*") if (p / "complete.json").is_file()),
+                      key=lambda p: (p / "complete.json").stat().st_mtime, reverse=True)
+    for old in finished[count:]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+

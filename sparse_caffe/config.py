@@ -1,0 +1,133 @@
+"""The data model: what is pinned, what is rendered, what is built. Frozen, validated here, nowhere else."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES_DIR = PROJECT_ROOT / "templates"
+PATCHES_DIR = PROJECT_ROOT / "patches"
+RESULTS_DIR = PROJECT_ROOT / "results"
+
+# The command that regenerates patches/; written into every generated file's header.
+RENDER_COMMAND = "./inv render"
+
+
+@dataclass(frozen=True)
+class CaffePin:
+    """The one upstream Caffe this project patches, and how each route to it is verified."""
+
+    commit: str = "99bd99795dcdf0b1d3086a8d67ab1782a8a08383"
+    debian_package: str = "caffe"
+    debian_version: str = "1.0.0+git20180821.99bd997-8"
+    debian_suite: str = "bullseye"
+    # SHA-256 of the three files of Debian's source package.
+    debian_files: tuple[tuple[str, str], ...] = (
+        ("caffe_1.0.0+git20180821.99bd997-8.dsc",
+         "c492f4893fc1ba1fb514b2d9b4763bc78dc93571ea24adc6e604eccbb93cdd64"),
+        ("caffe_1.0.0+git20180821.99bd997.orig.tar.gz",
+         "e0eb3f06794f7402c77b7dec8e8480273ee1a1bb192e9122b621a69d4147ad0c"),
+        ("caffe_1.0.0+git20180821.99bd997-8.debian.tar.xz",
+         "07cf073227494a6b07234e40cb5df91db566616593eef9baafdc4d06ad159f21"),
+    )
+    # Hash of the unpacked tree's contents (see source.tree_sha256): the same for Debian's orig
+    # tarball and for GitHub's tarball of `commit`, so it verifies every route.
+    tree_sha256: str = "e51d2c7b2d036d7a5a727f1371d130ca5867c7ce9e606e503cbd007bcfe0c49b"
+
+    @property
+    def github_tarball_url(self) -> str:
+        return f"https://github.com/BVLC/caffe/archive/{self.commit}.tar.gz"
+
+    @property
+    def orig_tarball(self) -> str:
+        return next(name for name, _ in self.debian_files if name.endswith(".orig.tar.gz"))
+
+    @property
+    def debian_tarball(self) -> str:
+        return next(name for name, _ in self.debian_files if name.endswith(".debian.tar.xz"))
+
+
+BLAS_CHOICES = ("openblas", "mkl")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a user chooses for one build; everything else that goes into a build is derived."""
+
+    blas: str = "openblas"
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 2)
+
+    def __post_init__(self) -> None:
+        if self.blas not in BLAS_CHOICES:
+            raise UserError(f"unknown BLAS {self.blas!r}: choose one of {', '.join(BLAS_CHOICES)}")
+        if self.jobs < 1:
+            raise UserError(f"--jobs must be at least 1, got {self.jobs}")
+
+
+@dataclass(frozen=True)
+class ConvTemplateConfig:
+    """What the C++ templates are rendered with. Templates see only this (and the series entry)."""
+
+    # Phases of a convolution forward pass that the per-layer profile times, in report order.
+    # The sparse paths add input2csr and output conversion phases in a later patch.
+    phases: tuple[str, ...] = ("im2col", "multiply", "bias")
+
+    def __post_init__(self) -> None:
+        if not self.phases or len(set(self.phases)) != len(self.phases):
+            raise ValueError(f"phases must be unique and non-empty: {self.phases}")
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """One patch of the series: which rendered files it carries and why."""
+
+    number: int
+    slug: str
+    description: str
+    files: tuple[str, ...]  # paths inside the Caffe tree
+
+    @property
+    def filename(self) -> str:
+        return f"{self.number:04d}-{self.slug}.patch"
+
+
+# The ordered series. Each file path has a template: templates/<path>.j2 (a complete new file) or
+# templates/<path>.edit.j2 (anchored edits of the upstream file; see templating.apply_edits).
+PATCH_SERIES: tuple[PatchSpec, ...] = (
+    PatchSpec(
+        1, "protobuf-3.6-total-bytes-limit",
+        "Build with protobuf >= 3.6 (Debian 12 has 3.21): CodedInputStream::SetTotalBytesLimit lost\n"
+        "its second argument there; keep the two-argument call for older protobuf.",
+        ("src/caffe/util/io.cpp",),
+    ),
+    PatchSpec(
+        2, "conv-forward-phase-profile",
+        "Per-layer timing of the convolution forward pass, split into phases (im2col, multiply,\n"
+        "bias), with counters (calls, input nonzeros), switchable and resettable, readable from\n"
+        "pycaffe (caffe.conv_profile()). The forward pass goes through one dispatch point that the\n"
+        "sparse paths extend.",
+        (
+            "include/caffe/util/conv_profile.hpp",
+            "src/caffe/util/conv_profile.cpp",
+            "include/caffe/layers/base_conv_layer.hpp",
+            "src/caffe/layers/base_conv_layer.cpp",
+            "python/caffe/_caffe.cpp",
+            "python/caffe/__init__.py",
+        ),
+    ),
+)
+
+CONV_TEMPLATE_CONFIG = ConvTemplateConfig()
+CAFFE = CaffePin()
+
+
+def cache_dir() -> Path:
+    """Where fetched sources, build trees and ccache live: outside the repo, shared by clones."""
+    configured = os.environ.get("SPARSE_CAFFE_CACHE")
+    if configured:
+        return Path(configured).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "sparse-caffe"

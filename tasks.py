@@ -1,0 +1,89 @@
+"""Tasks: a table of contents over the sparse_caffe package. Run them through ./inv (see README.md)."""
+from __future__ import annotations
+
+import os
+import sys
+from functools import wraps
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+
+from sparse_caffe import build as build_stage
+from sparse_caffe import render as render_stage
+from sparse_caffe import source as source_stage
+from sparse_caffe.config import BuildOptions, PROJECT_ROOT, cache_dir
+from sparse_caffe.errors import UserError
+
+SOURCE_HELP = "local Caffe source: Debian's .dsc or orig tarball, GitHub's tarball, or a folder"
+BLAS_HELP = "BLAS to build against: openblas (default) or mkl (mkl-devel from PyPI)"
+
+
+def user_errors(fn):
+    """Turn a UserError into one line on stderr and exit status 1, never a traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise Exit(f"error: {exc}", code=1) from None
+    return wrapper
+
+
+@task(help={"caffe_source": SOURCE_HELP,
+            "pristine": "the bare commit tree, without Debian's patches (what render diffs against)"})
+@user_errors
+def fetch(c, caffe_source=None, pristine=False):
+    """Fetch, verify and unpack the pinned Caffe source into the cache."""
+    tree = source_stage.ensure_source(caffe_source, debian_patches=not pristine)
+    print(tree.path)
+
+
+@task(help={"check": "re-render into a temporary folder and fail on any difference from patches/",
+            "caffe_source": SOURCE_HELP})
+@user_errors
+def render(c, check=False, caffe_source=None):
+    """Render templates/ into the ordered patch series in patches/."""
+    pristine = source_stage.ensure_source(caffe_source, debian_patches=False).path
+    if check:
+        render_stage.check(pristine)
+        print("patches/ matches templates/")
+        return
+    changed = render_stage.render_series(pristine)
+    print("changed: " + ", ".join(changed) if changed else "patches/ already up to date")
+
+
+@task(help={"blas": BLAS_HELP, "caffe_source": SOURCE_HELP, "jobs": "parallel compile jobs"})
+@user_errors
+def build(c, blas="openblas", caffe_source=None, jobs=0):
+    """Build the patched Caffe, pycaffe and Caffe's own gtests (skipped when already built)."""
+    options = BuildOptions(blas=blas, **({"jobs": jobs} if jobs else {}))
+    result = build_stage.build(options, caffe_source)
+    print(result.root)
+
+
+@task(help={"blas": BLAS_HELP, "caffe_source": SOURCE_HELP,
+            "k": "only tests matching this pytest -k expression",
+            "unit": "only the pure-Python unit tests in tests/ (no Caffe build)"})
+@user_errors
+def test(c, blas="openblas", caffe_source=None, k=None, unit=False):
+    """Run the tests: unit tests, then pycaffe and Caffe's own gtests against the patched build."""
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    paths = ["tests"]
+    if not unit:
+        result = build_stage.build(BuildOptions(blas=blas), caffe_source)
+        env["SPARSE_CAFFE_BUILD"] = str(result.root)
+        paths.append("caffe_tests")
+    args = [sys.executable, "-m", "pytest", *paths] + (["-k", k] if k else [])
+    c.run(" ".join(args), env=env, pty=False, echo=True)
+
+
+@task(help={"all": "also remove fetched sources, downloads and ccache, not only build trees"})
+def clean(c, all=False):
+    """Remove build trees from the cache (with --all: everything the cache holds)."""
+    target = cache_dir() if all else build_stage.builds_root()
+    c.run(f"rm -rf {target}", echo=True)
+
+
+namespace = Collection(fetch, render, build, test, clean)
+namespace.configure({"run": {"echo": True}})
+os.chdir(PROJECT_ROOT)
