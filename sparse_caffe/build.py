@@ -49,6 +49,15 @@ class Build:
     key: str
     inputs: dict
 
+    @classmethod
+    def load(cls, root: Path) -> "Build":
+        """A finished build folder (as named by SPARSE_CAFFE_BUILD); refuses an unfinished one."""
+        done = Path(root) / "complete.json"
+        if not done.is_file():
+            raise UserError(f"{root} is not a finished build (no complete.json); run ./inv build")
+        info = json.loads(done.read_text())
+        return cls(root=Path(root), key=info["key"], inputs=info["inputs"])
+
     @property
     def source(self) -> Path:
         return self.root / "src"

@@ -138,13 +138,12 @@ def _from_local(path: Path, pin: CaffePin, root: Path, debian_patches: bool) -> 
         raise UserError(f"--caffe-source {path}: no such file or folder; give Debian's .dsc or orig "
                         "tarball, GitHub's tarball of the pinned commit, or a folder holding the tree")
     if path.suffix == ".dsc":
-        files = {}
+        files = {name: path.parent / name for name, _ in pin.debian_files}
+        missing = [name for name, candidate in files.items() if not candidate.is_file()]
+        if missing:
+            raise UserError(f"--caffe-source {path}: {', '.join(missing)} missing beside the .dsc")
         for name, expected in pin.debian_files:
-            candidate = path.parent / name
-            if not candidate.is_file():
-                raise UserError(f"--caffe-source {path}: {name} is missing beside the .dsc")
-            _check_file(candidate, expected)
-            files[name] = candidate
+            _check_file(files[name], expected)
         return _install(files[pin.orig_tarball], files[pin.debian_tarball] if debian_patches else None,
                         pin, root, f"local:{path}")
     return _install(path, None, pin, root, f"local:{path}")
@@ -220,9 +219,9 @@ def _check_file(path: Path, expected: str) -> None:
                         f"{expected[:16]}...; delete it and fetch again")
 
 
-def debian_mirror_uri() -> str:
+def debian_mirror_uri(sources_files=APT_SOURCES_FILES) -> str:
     """The Debian mirror this machine's apt already uses (never written into the repo)."""
-    for path in APT_SOURCES_FILES:
+    for path in sources_files:
         if not path.is_file():
             continue
         text = path.read_text()

@@ -1,0 +1,68 @@
+"""Caffe's own gtest suites (convolution, deconvolution, im2col, inner product) on our patched build.
+
+Each gtest case becomes one pytest item; the binary runs once per session (CPU cases only).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sparse_caffe.build import GTEST_SUITES, Build
+from sparse_caffe.run import run_gtests
+
+GTEST_FILTER = "-*GPU*"
+
+
+def _build() -> Build:
+    root = os.environ.get("SPARSE_CAFFE_BUILD")
+    if not root:
+        pytest.fail("SPARSE_CAFFE_BUILD is not set: run the tests through ./inv test")
+    return Build.load(Path(root))
+
+
+def listed_cases(build: Build) -> list[str]:
+    """'Suite/N.Test' names, as the binary lists them for our filter."""
+    out = subprocess.run([str(build.gtest_binary), "--gtest_list_tests", f"--gtest_filter={GTEST_FILTER}"],
+                         capture_output=True, text=True, check=True, cwd=build.source).stdout
+    cases, suite = [], None
+    for line in out.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith(" "):
+            suite = line.split()[0].rstrip(".")
+        else:
+            cases.append(f"{suite}.{line.split()[0]}")
+    return cases
+
+
+def pytest_generate_tests(metafunc):
+    if "gtest_case" in metafunc.fixturenames:
+        root = os.environ.get("SPARSE_CAFFE_BUILD")
+        cases = listed_cases(Build.load(Path(root))) if root else ["SPARSE_CAFFE_BUILD-unset"]
+        metafunc.parametrize("gtest_case", cases)
+
+
+@pytest.fixture(scope="session")
+def gtest_results():
+    cases, output = run_gtests(_build(), GTEST_FILTER)
+    return {f"{c.suite}.{c.name}": c for c in cases}, output
+
+
+def test_every_requested_suite_is_built():
+    """All four suites are in the binary, in float and double (typed tests /0 and /1 on CPU)."""
+    cases = listed_cases(_build())
+    for suite in GTEST_SUITES:
+        camel = "".join(part.capitalize() for part in suite.split("_"))
+        typed = {c.split(".")[0] for c in cases if c.startswith(camel + "Test/")}
+        assert typed, f"no {camel}Test cases in {sorted({c.split('.')[0] for c in cases})}"
+        assert len(typed) == 2, f"{camel}Test should run for float and double, got {typed}"
+
+
+def test_caffe_gtest(gtest_case, gtest_results):
+    results, output = gtest_results
+    assert gtest_case in results, f"{gtest_case} did not run; gtest output tail:\n{output[-2000:]}"
+    case = results[gtest_case]
+    assert case.passed, f"{gtest_case} failed:\n{case.message}"

@@ -1,0 +1,51 @@
+"""User mistakes through the real command line: one clear line, non-zero exit, nothing half-made."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparse_caffe.config import PROJECT_ROOT
+
+from .conftest import UPSTREAM, make_tarball
+
+
+def inv(*args, cache: Path):
+    env = {**os.environ, "SPARSE_CAFFE_CACHE": str(cache)}
+    invoke = Path(sys.executable).parent / "invoke"
+    return subprocess.run([str(invoke), *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.returncode != 0
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("task", ["build", "test"])
+def test_unknown_blas(tmp_path, task):
+    assert_one_error_line(inv(task, "--blas", "atlas", cache=tmp_path), "unknown BLAS 'atlas'")
+
+
+@pytest.mark.parametrize("task", ["fetch", "build", "render"])
+def test_missing_caffe_source(tmp_path, task):
+    result = inv(task, "--caffe-source", str(tmp_path / "no-such.tar.gz"), cache=tmp_path / "cache")
+    assert_one_error_line(result, "no-such.tar.gz", "no such file or folder")
+    assert not (tmp_path / "cache" / "builds").exists()
+
+
+def test_wrong_hash(tmp_path):
+    """A tarball that is not the pinned commit: refused, and no tree is left in the cache."""
+    tarball = make_tarball(tmp_path / "caffe-other.tar.gz", UPSTREAM, top="caffe-other")
+    result = inv("fetch", "--caffe-source", str(tarball), cache=tmp_path / "cache")
+    assert_one_error_line(result, "does not match the pinned commit 99bd99795dcd", "tree hash")
+    source = tmp_path / "cache" / "source"
+    assert not source.exists() or not any(source.iterdir())

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sparse_caffe import render
+from sparse_caffe.config import CONV_TEMPLATE_CONFIG, PATCH_SERIES, PatchSpec
+from sparse_caffe.errors import UserError
+from sparse_caffe.source import ensure_source
+
+SERIES = (
+    PatchSpec(1, "fix-io", "Fix io.", ("src/caffe/util/io.cpp",)),
+    PatchSpec(2, "new-and-edit", "Add a file, edit another.",
+              ("src/caffe/util/extra.cpp", "src/caffe/layers/conv.cpp")),
+)
+
+
+@pytest.fixture
+def templates(tmp_path):
+    t = tmp_path / "templates"
+    (t / "src/caffe/util").mkdir(parents=True)
+    (t / "src/caffe/layers").mkdir(parents=True)
+    (t / "src/caffe/util/io.cpp.edit.j2").write_text("//@ replace:   return 1;\n  return 2;\n")
+    (t / "src/caffe/util/extra.cpp.j2").write_text(
+        "/*% for p in config.phases %*/\nint /*{ p }*/ = /*{ loop.index }*/;\n/*% endfor %*/\n")
+    (t / "src/caffe/layers/conv.cpp.edit.j2").write_text("//@ after:   int a = 1;\n  a += 1;\n")
+    return t
+
+
+def do_render(upstream, out, templates, series=SERIES):
+    return render.render_series(upstream, out, series=series, config=CONV_TEMPLATE_CONFIG,
+                                templates_dir=templates)
+
+
+def test_series_is_deterministic_and_written_only_on_change(tmp_path, upstream, templates):
+    out = tmp_path / "patches"
+    assert do_render(upstream, out, templates) == [s.filename for s in SERIES] + ["series"]
+    first = {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert do_render(upstream, out, templates) == []
+    assert {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in out.iterdir()} == first
+    assert (out / "series").read_text() == "0001-fix-io.patch\n0002-new-and-edit.patch\n"
+
+
+def test_patches_apply_and_give_the_rendered_files(tmp_path, upstream, templates):
+    out = tmp_path / "patches"
+    do_render(upstream, out, templates)
+    tree = tmp_path / "tree"
+    shutil.copytree(upstream, tree)
+    render.apply_series(tree, out)
+    for spec in SERIES:
+        for path in spec.files:
+            expected = render.render_file(path, spec, upstream, CONV_TEMPLATE_CONFIG, templates)
+            assert (tree / path).read_text() == expected
+    extra = (tree / "src/caffe/util/extra.cpp").read_text()
+    assert extra.startswith("// @generated from templates/src/caffe/util/extra.cpp.j2")
+    assert "int im2col = 1;" in extra
+    assert "  return 2;" in (tree / "src/caffe/util/io.cpp").read_text()
+
+
+def test_patch_headers_say_what_and_where_from(tmp_path, upstream, templates):
+    out = tmp_path / "patches"
+    do_render(upstream, out, templates)
+    text = (out / "0002-new-and-edit.patch").read_text()
+    assert text.startswith("Subject: [PATCH 0002] new-and-edit\n\nAdd a file, edit another.\n")
+    assert "templates/src/caffe/util/extra.cpp.j2" in text
+    assert "--- /dev/null\n+++ b/src/caffe/util/extra.cpp" in text
+
+
+def test_check_catches_a_template_change_and_a_stale_patch(tmp_path, upstream, templates):
+    out = tmp_path / "patches"
+    do_render(upstream, out, templates)
+    kwargs = dict(series=SERIES, config=CONV_TEMPLATE_CONFIG, templates_dir=templates)
+    render.check(upstream, out, **kwargs)
+    (templates / "src/caffe/util/io.cpp.edit.j2").write_text("//@ replace:   return 1;\n  return 3;\n")
+    with pytest.raises(UserError, match="out of date"):
+        render.check(upstream, out, **kwargs)
+    do_render(upstream, out, templates)
+    (out / "0003-left-over.patch").write_text("x")
+    with pytest.raises(UserError, match="stale in patches/: 0003-left-over.patch"):
+        render.check(upstream, out, **kwargs)
+    assert "0003-left-over.patch" in do_render(upstream, out, templates)
+    assert not (out / "0003-left-over.patch").exists()
+
+
+def test_series_hash_follows_content_and_order(tmp_path, upstream, templates):
+    out = tmp_path / "patches"
+    do_render(upstream, out, templates)
+    before = render.series_sha256(out)
+    (out / "series").write_text("0002-new-and-edit.patch\n0001-fix-io.patch\n")
+    assert render.series_sha256(out) != before
+
+
+@pytest.mark.parametrize("problem", ["orphan", "both", "whole-upstream", "numbering"])
+def test_series_integrity_errors(tmp_path, upstream, templates, problem):
+    series = SERIES
+    if problem == "orphan":
+        (templates / "src/caffe/util/unused.cpp.j2").write_text("x\n")
+        match = "templates no patch uses"
+    elif problem == "both":
+        (templates / "src/caffe/util/io.cpp.j2").write_text("x\n")
+        match = "need exactly one"
+    elif problem == "whole-upstream":
+        (templates / "src/caffe/util/io.cpp.edit.j2").rename(templates / "src/caffe/util/io.cpp.j2")
+        match = "would replace Caffe's own"
+    else:
+        series = (SERIES[1], SERIES[0])
+        match = "patch numbers"
+    with pytest.raises(UserError, match=match):
+        do_render(upstream, tmp_path / "patches", templates, series)
+
+
+def test_a_patch_that_does_not_apply_is_one_clear_error(tmp_path, upstream, templates):
+    out = tmp_path / "patches"
+    do_render(upstream, out, templates)
+    (upstream / "src/caffe/util/io.cpp").write_text("changed upstream\n")
+    with pytest.raises(UserError, match="0001-fix-io.patch does not apply"):
+        render.apply_series(upstream, out)
+
+
+def test_committed_series_matches_templates_on_the_pinned_caffe():
+    """The real check (./inv render --check): needs the pinned source, fetched once into the cache."""
+    render.check(ensure_source(debian_patches=False).path)
+
+
+def test_committed_series_applies_to_both_source_variants(tmp_path):
+    """Our series applies without fuzz to the bare commit and to Debian's patched tree alike."""
+    for variant in (False, True):
+        tree = tmp_path / f"tree-{variant}"
+        shutil.copytree(ensure_source(debian_patches=variant).path, tree, symlinks=True)
+        render.apply_series(tree)
+        assert "ConvProfile" in (tree / "src/caffe/layers/base_conv_layer.cpp").read_text()
+
+
+def test_every_series_file_is_a_real_template():
+    for spec in PATCH_SERIES:
+        for path in spec.files:
+            assert render.template_for(path)[0].endswith(".j2")
