@@ -10,6 +10,7 @@ from invoke.exceptions import Exit
 
 from sparse_caffe import build as build_stage
 from sparse_caffe import render as render_stage
+from sparse_caffe import run as run_stage
 from sparse_caffe import source as source_stage
 from sparse_caffe.config import BuildOptions, PROJECT_ROOT, cache_dir
 from sparse_caffe.errors import UserError
@@ -77,6 +78,20 @@ def test(c, blas="openblas", caffe_source=None, k=None, unit=False):
     c.run(" ".join(args), env=env, pty=False, echo=True)
 
 
+@task(help={"blas": BLAS_HELP, "shape": "layer shape (default res5_branch2b)",
+            "threads": "OpenMP/BLAS/MKL threads (default: all cores)",
+            "weight_zeros": "fraction of zero weights (default 0.98)",
+            "input_zeros": "fraction of zero inputs (default 0.5)", "repeats": "measured forwards"})
+@user_errors
+def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zeros=0.98,
+                input_zeros=0.5, repeats=30):
+    """Time one synthetic convolution layer on every forward path, side by side (not a test)."""
+    result = build_stage.build(BuildOptions(blas=blas))
+    print(run_stage.bench_layer(result, shape=shape, threads=threads or os.cpu_count(),
+                                weight_zeros=weight_zeros, input_zeros=input_zeros,
+                                repeats=repeats))
+
+
 @task(help={"all": "also remove fetched sources, downloads and ccache, not only build trees"})
 def clean(c, all=False):
     """Remove build trees from the cache (with --all: everything the cache holds)."""
@@ -84,6 +99,6 @@ def clean(c, all=False):
     c.run(f"rm -rf {target}", echo=True)
 
 
-namespace = Collection(fetch, render, build, test, clean)
+namespace = Collection(fetch, render, build, test, bench_layer, clean)
 namespace.configure({"run": {"echo": True}})
 os.chdir(PROJECT_ROOT)

@@ -66,3 +66,33 @@ def test_caffe_gtest(gtest_case, gtest_results):
     assert gtest_case in results, f"{gtest_case} did not run; gtest output tail:\n{output[-2000:]}"
     case = results[gtest_case]
     assert case.passed, f"{gtest_case} failed:\n{case.message}"
+
+
+CONV_SUITES = "ConvolutionLayerTest*:DeconvolutionLayerTest*:Im2colLayerTest*"
+
+
+@pytest.mark.parametrize("path", ["spmdm", "sparse_sparse", "sparse_output"])
+@pytest.mark.parametrize("backend", ["openmp", "mkl"])
+def test_caffe_gtests_with_every_layer_forced_onto_a_path(path, backend, monkeypatch):
+    """Caffe's own convolution, deconvolution and im2col suites (float and double), with every
+    layer forced onto one sparse path through the environment override."""
+    build = _build()
+    if backend == "mkl" and build.inputs.get("blas") != "mkl":
+        pytest.skip("MKL back end needs a --blas mkl build")
+    monkeypatch.setenv("SPARSE_CAFFE_FORWARD_PATH", path)
+    monkeypatch.setenv("SPARSE_CAFFE_SPARSE_BACKEND", backend)
+    cases, output = run_gtests(build, f"{CONV_SUITES}-*GPU*")
+    assert len(cases) >= 40, output[-2000:]
+    failed = [f"{c.suite}.{c.name}: {c.message}" for c in cases if not c.passed]
+    assert not failed, "\n".join(failed)
+
+
+def test_the_environment_override_reaches_the_gtest_binary(monkeypatch):
+    """The forced-path runs above would be meaningless if the variable were ignored: a bad value
+    must stop the binary with a message naming the variable."""
+    build = _build()
+    monkeypatch.setenv("SPARSE_CAFFE_FORWARD_PATH", "bogus")
+    result = subprocess.run([str(build.gtest_binary), "--gtest_filter=ConvolutionLayerTest/0.*"],
+                            cwd=build.source, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "SPARSE_CAFFE_FORWARD_PATH=bogus is not one of: dense, spmdm" in result.stderr

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-PHASES = {"im2col", "multiply", "bias"}
+PHASES = {"im2col", "input2csr", "multiply", "output", "bias", "weight2csr"}
+# Phases the dense path runs on a 3x3 convolution with bias (input2csr belongs to sparse_sparse).
+DENSE_PHASES = {"im2col", "multiply", "bias"}
 
 
 # ----------------------------------------------------------------------------- reference
@@ -208,10 +210,15 @@ def profiled_conv(caffe, make_net, name, shape=(2, 3, 8, 8), num_output=4, zeros
     return net
 
 
+# A layer's profile before any profiled forward (or after a reset).
+ZERO_ENTRY = {"calls": 0, "input_elements": 0, "input_nonzeros": 0, "dense_macs": 0, "useful_macs": 0,
+              "weight_nonzeros": 0, "weight_elements": 0, "inputs_handed_over": 0, "path": "default",
+              "backend": "default", "seconds": dict.fromkeys(PHASES, 0.0)}
+
+
 def entry(caffe, name):
     """This layer's profile, or an all-zero one if the layer has no entry."""
-    zero = {"calls": 0, "input_elements": 0, "input_nonzeros": 0, "seconds": dict.fromkeys(PHASES, 0.0)}
-    return caffe.conv_profile().get(name, zero)
+    return caffe.conv_profile().get(name, ZERO_ENTRY)
 
 
 def test_profiling_is_off_in_a_fresh_process(caffe_python_path):
@@ -244,8 +251,10 @@ def test_forward_counts_images_elements_and_nonzeros(caffe, make_net, profiling,
     assert p["input_nonzeros"] == np.count_nonzero(first)
     assert 0 < p["input_nonzeros"] < p["input_elements"]
     assert set(p["seconds"]) == PHASES
-    # A 3x3 kernel with bias runs all three phases; steady_clock resolves far below their cost.
-    assert all(p["seconds"][phase] > 0 for phase in PHASES)
+    # A 3x3 kernel with bias runs all dense phases; steady_clock resolves far below their cost.
+    assert all(p["seconds"][phase] > 0 for phase in DENSE_PHASES)
+    assert p["seconds"]["input2csr"] == 0.0
+    assert p["path"] == "dense"
 
     # A second forward adds to the counters, with its own input's nonzeros.
     second = random_input(np.random.default_rng(1), shape, zeros=0.2)
@@ -291,8 +300,7 @@ def test_reset_zeroes_counters_and_keeps_names(caffe, make_net, profiling, layer
     caffe.reset_conv_profile()
     profile = caffe.conv_profile()
     for name in nets:
-        assert profile[name] == {"calls": 0, "input_elements": 0, "input_nonzeros": 0,
-                                 "seconds": dict.fromkeys(PHASES, 0.0)}
+        assert profile[name] == ZERO_ENTRY
     # Counting starts again from zero.
     nets[layer_name + "_a"].forward()
     assert caffe.conv_profile()[layer_name + "_a"]["calls"] == 2
@@ -368,5 +376,4 @@ def test_deconvolution_forward_is_not_profiled(caffe, make_net, profiling, layer
     net.forward()
 
     assert caffe.conv_profile()[conv]["calls"] == 2
-    assert entry(caffe, deconv) == {"calls": 0, "input_elements": 0, "input_nonzeros": 0,
-                                    "seconds": dict.fromkeys(PHASES, 0.0)}
+    assert entry(caffe, deconv) == ZERO_ENTRY

@@ -121,6 +121,7 @@ def cmake_options(options: BuildOptions, python: dict) -> list[str]:
         f"-DPYTHON_EXECUTABLE={python['executable']}", f"-DPYTHON_INCLUDE_DIR={python['include']}",
         f"-DPYTHON_LIBRARY={python['library']}", "-DBUILD_python=ON", "-DBUILD_python_layer=ON",
         "-DUSE_OPENCV=OFF", "-DUSE_LEVELDB=OFF", "-DUSE_LMDB=OFF", "-DBUILD_docs=OFF",
+        "-DUSE_OPENMP=ON",  # our sparse kernels are OpenMP-parallel
         "-DBUILD_matlab=OFF", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",
         f"-DBUILD_only_tests={','.join(GTEST_SUITES)}",
     ]

@@ -71,13 +71,22 @@ class BuildOptions:
 class ConvTemplateConfig:
     """What the C++ templates are rendered with. Templates see only this (and the series entry)."""
 
-    # Phases of a convolution forward pass that the per-layer profile times, in report order.
-    # The sparse paths add input2csr and output conversion phases in a later patch.
-    phases: tuple[str, ...] = ("im2col", "multiply", "bias")
+    # Phases of a convolution forward pass that the per-layer profile times, in report order;
+    # weight2csr is the (rare) rebuild of the weights' CSR form after they change.
+    # output is sparse_output's epilogue (bias, fused ReLU, the output's CSR).
+    phases: tuple[str, ...] = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
+    # Forward paths of the multiply, numbered from 1 in this order in caffe.proto's ForwardPath.
+    forward_paths: tuple[str, ...] = ("dense", "spmdm", "sparse_sparse", "sparse_output")
+    # Implementations of the sparse paths, numbered from 1 in caffe.proto's SparseBackend.
+    sparse_backends: tuple[str, ...] = ("openmp", "mkl")
 
     def __post_init__(self) -> None:
         if not self.phases or len(set(self.phases)) != len(self.phases):
             raise ValueError(f"phases must be unique and non-empty: {self.phases}")
+        if not self.forward_paths or self.forward_paths[0] != "dense":
+            raise ValueError("dense must be the first forward path (the baseline)")
+        if not self.sparse_backends or self.sparse_backends[0] != "openmp":
+            raise ValueError("openmp must be the first sparse back end (always built)")
 
 
 @dataclass(frozen=True)
@@ -104,20 +113,35 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         ("src/caffe/util/io.cpp",),
     ),
     PatchSpec(
-        2, "conv-forward-phase-profile",
-        "Per-layer timing of the convolution forward pass, split into phases (im2col, multiply,\n"
-        "bias), with counters (calls, input nonzeros), switchable and resettable, readable from\n"
-        "pycaffe (caffe.conv_profile()). The forward pass goes through one dispatch point that the\n"
-        "sparse paths extend.",
+        2, "blob-write-version",
+        "Give SyncedMemory a version number bumped on every write access (mutable_*_data,\n"
+        "set_*_data), so caches derived from a blob know when the blob changed.",
+        ("include/caffe/syncedmem.hpp", "src/caffe/syncedmem.cpp"),
+    ),
+    PatchSpec(
+        3, "conv-forward-paths-and-profile",
+        "The convolution forward multiply goes through one dispatch point with four paths:\n"
+        "dense (Caffe's GEMM), spmdm (CSR weights x dense lowered input), sparse_sparse (CSR\n"
+        "weights x the lowered input's CSR, built from the feature map without im2col) and\n"
+        "sparse_output (the same, also keeping the output's CSR with the top blob for the next\n"
+        "convolution), on our OpenMP kernels or MKL's sparse BLAS, with an optional fused ReLU.\n"
+        "Chosen per layer in the prototxt (convolution_param.forward_path, sparse_backend), from\n"
+        "pycaffe, or process-wide with SPARSE_CAFFE_FORWARD_PATH / SPARSE_CAFFE_SPARSE_BACKEND.\n"
+        "A per-layer profile times the phases and counts calls, input nonzeros, multiply-adds and\n"
+        "CSR hand-overs; pycaffe reads it with caffe.conv_profile().",
         (
+            "src/caffe/proto/caffe.proto",
             "include/caffe/util/conv_profile.hpp",
             "src/caffe/util/conv_profile.cpp",
+            "include/caffe/util/sparse_conv.hpp",
+            "src/caffe/util/sparse_conv.cpp",
             "include/caffe/layers/base_conv_layer.hpp",
             "src/caffe/layers/base_conv_layer.cpp",
+            "src/caffe/layers/conv_layer.cpp",
             "python/caffe/_caffe.cpp",
             "python/caffe/__init__.py",
         ),
-    ),
+),
 )
 
 CONV_TEMPLATE_CONFIG = ConvTemplateConfig()

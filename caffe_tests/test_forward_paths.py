@@ -1,0 +1,366 @@
+"""Every sparse forward path equals the dense path, across configurations and sparsity levels.
+
+Tolerance: the sparse paths add the same products as the dense GEMM, only in another order and
+skipping exact zeros, so in float32 each output differs from dense by at most about
+K * 2**-24 times the sum of |terms| (K = C/group * KH * KW). We allow 1e-5 relative plus 1e-5 of
+the largest |terms| sum; a wrong, missing or misplaced term moves an output by ~1/K of its
+magnitude, far above that.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from .test_conv_reference import CASES, conv_spec, random_input, reference_conv
+
+SPARSE_PATHS = ["spmdm", "sparse_sparse", "sparse_output"]
+BACKENDS = ["openmp", "mkl"]
+SPARSITY = [0.0, 0.5, 0.9, 0.99, 1.0]
+
+
+@pytest.fixture
+def paths(caffe):
+    """Forward-path overrides set by a test are always removed afterwards."""
+    caffe.clear_conv_forward_paths()
+    try:
+        yield caffe
+    finally:
+        caffe.clear_conv_forward_paths()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, caffe, paths):
+    """Every sparse test runs on each back end this build has (MKL only in MKL builds)."""
+    if request.param not in caffe.conv_sparse_backends():
+        pytest.skip(f"this build has no {request.param} back end (build with --blas mkl)")
+    caffe.set_conv_sparse_backend(request.param)
+    return request.param
+
+
+def sparse_weights(rng, shape, zeros, zero_rows=False, zero_columns=False):
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) < zeros] = 0.0
+    flat = w.reshape(shape[0], -1)
+    if zero_rows:
+        flat[::3] = 0.0  # whole output channels with no weight
+    if zero_columns:
+        flat[:, ::2] = 0.0  # whole kernel taps unused
+    return w
+
+
+def forward_on(caffe, net, path, layer="conv"):
+    caffe.set_conv_forward_path(path, layer)
+    return net.forward()[layer].copy()
+
+
+def assert_close_to(got, x, w, b, geometry, dense):
+    magnitude = reference_conv(np.abs(x), np.abs(w), None if b is None else np.abs(b), **geometry)
+    np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5 * max(magnitude.max(), 1e-30))
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_paths_equal_dense_on_every_configuration(caffe, make_net, backend, case, path):
+    net = make_net(conv_spec(caffe, "conv", case.shape, case.num_output, case.conv))
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    w = sparse_weights(rng, net.params["conv"][0].data.shape, zeros=0.7)
+    net.params["conv"][0].data[...] = w
+    b = None
+    if case.bias:
+        b = rng.standard_normal(net.params["conv"][1].data.shape).astype(np.float32)
+        net.params["conv"][1].data[...] = b
+    x = random_input(rng, case.shape, max(case.zeros, 0.5))
+    net.blobs["data"].data[...] = x
+    dense = forward_on(caffe, net, "dense")
+    got = forward_on(caffe, net, path)
+    assert_close_to(got, x, w, b, case.geometry(), dense)
+    # And against the independent reference, so "equal to dense" cannot hide a shared mistake.
+    np.testing.assert_allclose(got, reference_conv(x, w, b, **case.geometry()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+@pytest.mark.parametrize("weight_zeros", SPARSITY)
+@pytest.mark.parametrize("input_zeros", SPARSITY)
+def test_paths_equal_dense_at_every_sparsity(caffe, make_net, backend, path, weight_zeros, input_zeros):
+    shape, conv = (2, 8, 9, 7), dict(kernel_size=3, pad=1, group=2, num_output=6)
+    net = make_net(conv_spec(caffe, "conv", shape, conv.pop("num_output"), conv))
+    rng = np.random.default_rng(int(weight_zeros * 100) * 1000 + int(input_zeros * 100))
+    w = sparse_weights(rng, net.params["conv"][0].data.shape, weight_zeros,
+                       zero_rows=weight_zeros == 0.5, zero_columns=weight_zeros == 0.9)
+    net.params["conv"][0].data[...] = w
+    b = rng.standard_normal(6).astype(np.float32)
+    net.params["conv"][1].data[...] = b
+    x = random_input(rng, shape, input_zeros)
+    net.blobs["data"].data[...] = x
+    dense = forward_on(caffe, net, "dense")
+    got = forward_on(caffe, net, path)
+    assert_close_to(got, x, w, b, dict(pad=(1, 1), group=2), dense)
+    if weight_zeros == 1.0 or input_zeros == 1.0:
+        np.testing.assert_array_equal(got, np.broadcast_to(b[None, :, None, None], got.shape))
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+def test_single_nonzero(caffe, make_net, backend, path):
+    net = make_net(conv_spec(caffe, "conv", (1, 3, 5, 6), 2, dict(kernel_size=3, bias_term=False)))
+    w = np.zeros(net.params["conv"][0].data.shape, np.float32)
+    w[1, 2, 0, 1] = 3.0
+    x = np.zeros((1, 3, 5, 6), np.float32)
+    x[0, 2, 2, 4] = 2.0
+    net.params["conv"][0].data[...] = w
+    net.blobs["data"].data[...] = x
+    got = forward_on(caffe, net, path)
+    expected = reference_conv(x, w)
+    np.testing.assert_array_equal(got, expected)
+    assert np.count_nonzero(got) == 1
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+def test_weights_changed_from_python_are_honoured(caffe, make_net, backend, path):
+    net = make_net(conv_spec(caffe, "conv", (1, 4, 6, 6), 3, dict(kernel_size=3, bias_term=False)))
+    rng = np.random.default_rng(7)
+    x = random_input(rng, (1, 4, 6, 6), 0.5)
+    net.blobs["data"].data[...] = x
+    for round_ in range(3):
+        w = sparse_weights(rng, net.params["conv"][0].data.shape, 0.8)
+        net.params["conv"][0].data[...] = w
+        got = forward_on(caffe, net, path)
+        np.testing.assert_allclose(got, reference_conv(x, w), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"stale weights in round {round_}")
+
+
+def test_copy_from_refreshes_the_weight_cache(caffe, make_net, paths, tmp_path):
+    spec = conv_spec(caffe, "conv", (1, 4, 6, 6), 3, dict(kernel_size=3, bias_term=False))
+    net, other = make_net(spec), make_net(spec)
+    rng = np.random.default_rng(11)
+    x = random_input(rng, (1, 4, 6, 6), 0.5)
+    net.blobs["data"].data[...] = x
+    net.params["conv"][0].data[...] = sparse_weights(rng, (3, 4, 3, 3), 0.8)
+    forward_on(caffe, net, "sparse_sparse")  # builds the CSR cache
+    w = sparse_weights(rng, (3, 4, 3, 3), 0.8)
+    other.params["conv"][0].data[...] = w
+    saved = tmp_path / "w.caffemodel"
+    other.save(str(saved))
+    net.copy_from(str(saved))
+    np.testing.assert_allclose(forward_on(caffe, net, "sparse_sparse"), reference_conv(x, w),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_path_is_a_value_error(caffe, paths):
+    with pytest.raises(ValueError, match="unknown convolution forward path 'fast'"):
+        caffe.set_conv_forward_path("fast")
+    assert caffe.conv_forward_paths() == ["dense", "spmdm", "sparse_sparse", "sparse_output"]
+    with pytest.raises(ValueError, match="sparse back end 'cuda' is not in this build"):
+        caffe.set_conv_sparse_backend("cuda")
+    assert caffe.conv_sparse_backends()[0] == "openmp"
+
+
+def test_prototxt_field_selects_the_path_and_python_overrides_it(caffe, make_net, paths, profiling):
+    spec = conv_spec(caffe, "conv_proto_path", (1, 3, 6, 6), 2,
+                     dict(kernel_size=3, forward_path=caffe.proto.caffe_pb2.ConvolutionParameter.SPMDM))
+    net = make_net(spec)
+    net.forward()
+    assert caffe.conv_profile()["conv_proto_path"]["path"] == "spmdm"
+    caffe.set_conv_forward_path("sparse_sparse", "conv_proto_path")
+    net.forward()
+    assert caffe.conv_profile()["conv_proto_path"]["path"] == "sparse_sparse"
+    caffe.set_conv_forward_path("default", "conv_proto_path")
+    net.forward()
+    assert caffe.conv_profile()["conv_proto_path"]["path"] == "spmdm"
+
+
+def test_profile_counts_useful_multiply_adds(caffe, make_net, paths, profiling):
+    net = make_net(conv_spec(caffe, "conv_macs", (1, 4, 5, 5), 3, dict(kernel_size=1, bias_term=False)))
+    rng = np.random.default_rng(3)
+    w = sparse_weights(rng, (3, 4, 1, 1), 0.5)
+    x = random_input(rng, (1, 4, 5, 5), 0.5)
+    net.params["conv_macs"][0].data[...] = w
+    net.blobs["data"].data[...] = x
+    # 1x1: W is 3x4, X is 4x25; useful = sum_k nnz(W[:, k]) * nnz(X[k, :]).
+    expected = int(sum(np.count_nonzero(w.reshape(3, 4)[:, k]) * np.count_nonzero(x.reshape(4, 25)[k])
+                       for k in range(4)))
+    for path in ["dense"] + SPARSE_PATHS:
+        caffe.reset_conv_profile()
+        caffe.set_conv_forward_path(path, "conv_macs")
+        net.forward()
+        p = caffe.conv_profile()["conv_macs"]
+        assert (p["path"], p["useful_macs"], p["dense_macs"]) == (path, expected, 3 * 4 * 25)
+        assert p["weight_nonzeros"] == np.count_nonzero(w) and p["weight_elements"] == w.size
+        assert (p["seconds"]["input2csr"] > 0) == (path in ("sparse_sparse", "sparse_output"))
+        assert (p["seconds"]["output"] > 0) == (path == "sparse_output")
+
+
+def test_deconvolution_falls_back_to_dense(caffe, make_net, paths):
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 5, 5]))
+    n.deconv = L.Deconvolution(n.data, convolution_param=dict(num_output=2, kernel_size=3, stride=2))
+    net = make_net(n)
+    rng = np.random.default_rng(5)
+    net.params["deconv"][0].data[...] = rng.standard_normal(net.params["deconv"][0].data.shape)
+    net.blobs["data"].data[...] = random_input(rng, (1, 3, 5, 5), 0.5)
+    dense = forward_on(caffe, net, "dense", "deconv")
+    for path in SPARSE_PATHS:
+        np.testing.assert_array_equal(forward_on(caffe, net, path, "deconv"), dense)
+
+
+
+@pytest.fixture
+def profiling(caffe):
+    caffe.reset_conv_profile()
+    caffe.set_conv_profiling(True)
+    try:
+        yield caffe
+    finally:
+        caffe.set_conv_profiling(False)
+        caffe.reset_conv_profile()
+
+
+# ----------------------------------------------------------------------------- whole nets
+
+def stacked_net(caffe, prefix, fused=False, modify_between=False):
+    """A small ResNet-like block: conv -> ReLU -> (1x1 conv, 3x3 conv) -> Eltwise -> ReLU -> conv.
+
+    fused: the ReLUs after convolutions are folded into them (fused_relu), so sparse_output
+    producers hand their CSR straight to the next convolution. modify_between: an in-place Power
+    layer rewrites the first convolution's output before the next one reads it (stale-CSR case).
+    """
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 8, 9, 10]))
+
+    def conv(bottom, name, num_output, relu, **kw):
+        n[name] = L.Convolution(bottom, num_output=num_output, fused_relu=fused and relu, **kw)
+        if relu and not fused:
+            n[name + "_relu"] = L.ReLU(n[name], in_place=True)
+        return n[name]
+
+    c1 = conv(n.data, f"{prefix}c1", 12, True, kernel_size=3, pad=1)
+    if modify_between:
+        n[f"{prefix}shift"] = L.Power(c1, shift=-0.25, in_place=True)
+    a = conv(c1, f"{prefix}a", 12, True, kernel_size=1)
+    b = conv(a, f"{prefix}b", 12, False, kernel_size=3, pad=1, group=2)
+    n[f"{prefix}sum"] = L.Eltwise(b, c1)
+    n[f"{prefix}sum_relu"] = L.ReLU(n[f"{prefix}sum"], in_place=True)
+    conv(n[f"{prefix}sum"], f"{prefix}out", 6, False, kernel_size=3, stride=2, bias_term=False)
+    proto = n.to_proto()
+    proto.force_backward = True  # no loss layer: backward must still reach the input
+    return str(proto)
+
+
+def load_sparse_weights(net, seed):
+    rng = np.random.default_rng(seed)
+    for name, params in net.params.items():
+        params[0].data[...] = sparse_weights(rng, params[0].data.shape, 0.8)
+        if len(params) > 1:
+            params[1].data[...] = rng.standard_normal(params[1].data.shape) * 0.1
+    net.blobs["data"].data[...] = random_input(rng, net.blobs["data"].data.shape, 0.3)
+
+
+def forward_all(caffe, net, path):
+    caffe.set_conv_forward_path(path)
+    net.forward()
+    return {name: blob.data.copy() for name, blob in net.blobs.items()}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_whole_net_in_sparse_output_mode_equals_dense(caffe, make_net, backend, profiling, fused):
+    prefix = f"whole_{backend}_{int(fused)}_"
+    net = make_net(stacked_net(caffe, prefix, fused=fused))
+    load_sparse_weights(net, 1)
+    dense = forward_all(caffe, net, "dense")
+    caffe.reset_conv_profile()
+    sparse = forward_all(caffe, net, "sparse_output")
+    for name in dense:
+        np.testing.assert_allclose(sparse[name], dense[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    handed = {name: p["inputs_handed_over"] for name, p in caffe.conv_profile().items()
+              if name.startswith(prefix)}
+    if fused:
+        # c1 -> a and a -> b read their producer's CSR directly (2 images each); the Eltwise
+        # output feeding `out` comes from no convolution, so it is converted afresh.
+        assert handed == {f"{prefix}c1": 0, f"{prefix}a": 2, f"{prefix}b": 2, f"{prefix}out": 0}
+    else:
+        # In-place ReLUs write every convolution's output after it was published: never reused.
+        assert set(handed.values()) == {0}
+
+
+def test_fused_relu_equals_conv_then_relu(caffe, make_net, backend):
+    separate = make_net(stacked_net(caffe, "sep_", fused=False))
+    fused = make_net(stacked_net(caffe, "sep_", fused=True))
+    load_sparse_weights(separate, 2)
+    load_sparse_weights(fused, 2)
+    for path in ["dense"] + SPARSE_PATHS:
+        a, b = forward_all(caffe, separate, path), forward_all(caffe, fused, path)
+        np.testing.assert_allclose(b["sep_out"], a["sep_out"], rtol=1e-4, atol=1e-4, err_msg=path)
+    # The backward pass masks the gradient where the fused ReLU clamped.
+    for net in (separate, fused):
+        net.blobs["sep_out"].diff[...] = 1.0
+        net.backward()
+    np.testing.assert_allclose(fused.blobs["data"].diff, separate.blobs["data"].diff, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(fused.params["sep_c1"][0].diff, separate.params["sep_c1"][0].diff,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_stale_csr_is_never_used(caffe, make_net, backend, profiling):
+    net = make_net(stacked_net(caffe, "stale_", fused=True, modify_between=True))
+    load_sparse_weights(net, 3)
+    dense = forward_all(caffe, net, "dense")
+    caffe.reset_conv_profile()
+    sparse = forward_all(caffe, net, "sparse_output")
+    np.testing.assert_allclose(sparse["stale_out"], dense["stale_out"], rtol=1e-4, atol=1e-4)
+    # The Power layer rewrote c1's output after c1 published its CSR: `a` must not take it.
+    assert caffe.conv_profile()["stale_a"]["inputs_handed_over"] == 0
+    assert caffe.conv_profile()["stale_b"]["inputs_handed_over"] == 2
+
+
+SOLVER = """net: "{net}"
+base_lr: 0.05
+momentum: 0.9
+weight_decay: 0.001
+lr_policy: "fixed"
+max_iter: 10
+solver_mode: CPU
+random_seed: 1
+"""
+
+
+def test_solver_steps_give_the_same_weights_on_every_path(caffe, paths, tmp_path):
+    """Training uses the sparse forward and dense backward; every path must train alike."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data, n.label = L.Input(shape=[dict(dim=[4, 3, 8, 8]), dict(dim=[4, 5, 2, 2])], ntop=2)
+    n.c1 = L.Convolution(n.data, num_output=6, kernel_size=3, pad=1, stride=2,
+                         weight_filler=dict(type="gaussian", std=0.3))
+    n.r1 = L.ReLU(n.c1, in_place=True)
+    n.c2 = L.Convolution(n.r1, num_output=5, kernel_size=3, pad=1, stride=2,
+                         weight_filler=dict(type="gaussian", std=0.3))
+    n.loss = L.EuclideanLoss(n.c2, n.label)
+    (tmp_path / "net.prototxt").write_text(str(n.to_proto()))
+    (tmp_path / "solver.prototxt").write_text(SOLVER.format(net=tmp_path / "net.prototxt"))
+    rng = np.random.default_rng(4)
+    data = random_input(rng, (4, 3, 8, 8), 0.5)
+    label = rng.standard_normal((4, 5, 2, 2)).astype(np.float32)
+    start = None
+    results = {}
+    for path in ["dense"] + SPARSE_PATHS:
+        caffe.set_conv_forward_path(path)
+        solver = caffe.SGDSolver(str(tmp_path / "solver.prototxt"))
+        if start is None:
+            start = {k: [p.data.copy() for p in v] for k, v in solver.net.params.items()}
+            for name in start:  # prune: the sparse paths must see zeros in the weights
+                start[name][0][np.abs(start[name][0]) < 0.15] = 0.0
+        for name, blobs in start.items():
+            for param, value in zip(solver.net.params[name], blobs):
+                param.data[...] = value
+        for _ in range(3):
+            solver.net.blobs["data"].data[...] = data
+            solver.net.blobs["label"].data[...] = label
+            solver.step(1)
+        results[path] = {k: [p.data.copy() for p in v] for k, v in solver.net.params.items()}
+    for path in SPARSE_PATHS:
+        for name in results["dense"]:
+            for got, want in zip(results[path][name], results["dense"][name]):
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{path} {name}")
+    assert not np.allclose(results["dense"]["c1"][0], start["c1"][0])  # it did train

@@ -1,0 +1,148 @@
+"""One convolution layer, timed on every forward path and back end, side by side in one process.
+
+Run through `./inv bench-layer` (which picks the build and the threads); it imports pycaffe, so it
+runs in a subprocess whose PYTHONPATH names the build. The layer's weights are synthetic: seeded
+Gaussian, magnitude-pruned to the requested sparsity; its input is a seeded Gaussian through a
+ReLU-like threshold to the requested fraction of zeros. Labelled synthetic in every output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# Layer shapes worth timing alone; res5 branch2b is ResNet-50's last 3x3 (SkimCaffe: 97.8-98.0%
+# zero weights).
+SHAPES = {
+    "res5_branch2b": dict(batch=1, channels=512, size=7, num_output=512, kernel=3, pad=1, stride=1),
+    "res4_branch2b": dict(batch=1, channels=256, size=14, num_output=256, kernel=3, pad=1, stride=1),
+    "res3_branch2b": dict(batch=1, channels=128, size=28, num_output=128, kernel=3, pad=1, stride=1),
+    "caffenet_conv3": dict(batch=1, channels=256, size=13, num_output=384, kernel=3, pad=1, stride=1),
+}
+
+
+@dataclass
+class Measurement:
+    path: str
+    backend: str
+    forward_ms: list
+    phase_ms: dict
+    max_rel_diff: float
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.forward_ms)
+
+
+def synthetic_layer(caffe, shape: dict, weight_zeros: float, input_zeros: float, seed: int, tmp):
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[shape["batch"], shape["channels"], shape["size"], shape["size"]]))
+    n.conv = L.Convolution(n.data, num_output=shape["num_output"], kernel_size=shape["kernel"],
+                           pad=shape["pad"], stride=shape["stride"], bias_term=False)
+    path = f"{tmp}/layer.prototxt"
+    with open(path, "w") as f:
+        f.write(str(n.to_proto()))
+    net = caffe.Net(path, caffe.TEST)
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(net.params["conv"][0].data.shape).astype(np.float32)
+    cut = np.quantile(np.abs(w), weight_zeros)  # magnitude pruning
+    w[np.abs(w) <= cut] = 0.0
+    net.params["conv"][0].data[...] = w
+    x = rng.standard_normal(net.blobs["data"].data.shape).astype(np.float32)
+    x[x < np.quantile(x, input_zeros)] = 0.0  # ReLU-like: the smallest values become zeros
+    net.blobs["data"].data[...] = x
+    return net, w, net.blobs["data"].data.copy()
+
+
+def measure(caffe, net, path: str, backend: str, warmup: int, repeats: int, dense_out):
+    caffe.set_conv_forward_path(path, "conv")
+    caffe.set_conv_sparse_backend(backend, "conv")
+    for _ in range(warmup):  # warm-up forwards: caches, CSR of the weights, thread pools
+        net.forward()
+    times, phases = [], {}
+    for _ in range(repeats):
+        caffe.reset_conv_profile()
+        caffe.set_conv_profiling(True)
+        start = time.perf_counter()
+        net.forward()
+        times.append((time.perf_counter() - start) * 1e3)
+        caffe.set_conv_profiling(False)
+        for phase, seconds in caffe.conv_profile()["conv"]["seconds"].items():
+            phases.setdefault(phase, []).append(seconds * 1e3)
+    out = net.blobs["conv"].data
+    scale = max(float(np.abs(dense_out).max()), 1e-30)
+    diff = float(np.abs(out - dense_out).max()) / scale if dense_out is not None else 0.0
+    return Measurement(path, backend, times, {k: statistics.median(v) for k, v in phases.items()}, diff)
+
+
+def machine_info() -> dict:
+    import os
+    model = platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                "MKL_NUM_THREADS")}
+    return {"cpu": model, "cores": os.cpu_count(), "threads": threads,
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="res5_branch2b")
+    parser.add_argument("--weight-zeros", type=float, default=0.98)
+    parser.add_argument("--input-zeros", type=float, default=0.5)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the measurements here")
+    args = parser.parse_args(argv)
+
+    import tempfile
+    import caffe
+    caffe.set_mode_cpu()
+    shape = SHAPES[args.shape]
+    with tempfile.TemporaryDirectory() as tmp:
+        net, w, x = synthetic_layer(caffe, shape, args.weight_zeros, args.input_zeros, args.seed, tmp)
+        caffe.set_conv_forward_path("dense", "conv")
+        net.forward()
+        dense_out = net.blobs["conv"].data.copy()
+        results = [measure(caffe, net, "dense", "openmp", args.warmup, args.repeats, dense_out)]
+        for backend in caffe.conv_sparse_backends():
+            for path in ("spmdm", "sparse_sparse", "sparse_output"):
+                results.append(measure(caffe, net, path, backend, args.warmup, args.repeats, dense_out))
+        caffe.clear_conv_forward_paths()
+    dense_ms = results[0].median_ms
+    print(f"layer {args.shape} (synthetic weights and input): {shape}; "
+          f"{np.mean(w == 0):.1%} zero weights, {np.mean(x == 0):.1%} zero inputs; "
+          f"{args.repeats} measured forwards after {args.warmup} warm-up")
+    print(f"{'path':<15}{'backend':<9}{'median ms':>10}{'min ms':>9}{'vs dense':>10}"
+          f"{'input2csr':>11}{'multiply':>10}{'max rel diff':>14}")
+    for r in results:
+        flag = "  <-- DIFFERS FROM DENSE" if r.max_rel_diff > 1e-4 else ""
+        print(f"{r.path:<15}{r.backend:<9}{r.median_ms:>10.3f}{min(r.forward_ms):>9.3f}"
+              f"{dense_ms / r.median_ms:>9.2f}x{r.phase_ms.get('input2csr', 0):>11.3f}"
+              f"{r.phase_ms.get('multiply', 0):>10.3f}{r.max_rel_diff:>14.1e}{flag}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"synthetic": True, "shape": args.shape, **shape, "args": vars(args),
+                       "machine": machine_info(),
+                       "results": [dict(asdict(r), median_ms=r.median_ms,
+                                        speedup_vs_dense=dense_ms / r.median_ms) for r in results]},
+                      f, indent=2)
+    return 1 if any(r.max_rel_diff > 1e-4 for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
