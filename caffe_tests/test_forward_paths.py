@@ -364,3 +364,19 @@ def test_solver_steps_give_the_same_weights_on_every_path(caffe, paths, tmp_path
             for got, want in zip(results[path][name], results["dense"][name]):
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{path} {name}")
     assert not np.allclose(results["dense"]["c1"][0], start["c1"][0])  # it did train
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+def test_three_dimensional_convolution_equals_dense(caffe, make_net, backend, path):
+    """N-D convolutions lower through im2col before their CSR is built; still equal to dense."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 3, 5, 6, 7]))
+    n.conv = L.Convolution(n.data, num_output=4, kernel_size=3, pad=1, stride=[1, 2, 1])
+    net = make_net(n)
+    rng = np.random.default_rng(9)
+    net.params["conv"][0].data[...] = sparse_weights(rng, net.params["conv"][0].data.shape, 0.7)
+    net.params["conv"][1].data[...] = rng.standard_normal(4)
+    net.blobs["data"].data[...] = random_input(rng, (2, 3, 5, 6, 7), 0.5)
+    dense = forward_on(caffe, net, "dense")
+    np.testing.assert_allclose(forward_on(caffe, net, path), dense, rtol=1e-5, atol=1e-5)
