@@ -56,3 +56,15 @@ def make_net(caffe, tmp_path):
         return write_net(caffe, spec, tmp_path / f"net{next(counter)}.prototxt")
 
     return make
+
+
+@pytest.fixture
+def profiling(caffe):
+    """Profiling switched on with zeroed counters; always switched off and zeroed afterwards."""
+    caffe.reset_conv_profile()
+    caffe.set_conv_profiling(True)
+    try:
+        yield caffe
+    finally:
+        caffe.set_conv_profiling(False)
+        caffe.reset_conv_profile()

@@ -183,18 +183,6 @@ def test_forward_matches_reference(caffe, make_net, case):
 # ----------------------------------------------------------------------------- profile API
 
 @pytest.fixture
-def profiling(caffe):
-    """Profiling switched on with zeroed counters; always switched off and zeroed afterwards."""
-    caffe.reset_conv_profile()
-    caffe.set_conv_profiling(True)
-    try:
-        yield caffe
-    finally:
-        caffe.set_conv_profiling(False)
-        caffe.reset_conv_profile()
-
-
-@pytest.fixture
 def layer_name(request):
     """A layer name unique to the test: the profile registry is process-wide and keyed by name."""
     return re.sub(r"\W", "_", request.node.name)

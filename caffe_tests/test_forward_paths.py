@@ -206,17 +206,6 @@ def test_deconvolution_falls_back_to_dense(caffe, make_net, paths):
 
 
 
-@pytest.fixture
-def profiling(caffe):
-    caffe.reset_conv_profile()
-    caffe.set_conv_profiling(True)
-    try:
-        yield caffe
-    finally:
-        caffe.set_conv_profiling(False)
-        caffe.reset_conv_profile()
-
-
 # ----------------------------------------------------------------------------- whole nets
 
 def stacked_net(caffe, prefix, fused=False, modify_between=False):
