@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from functools import wraps
+from pathlib import Path
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -12,6 +14,7 @@ from sparse_caffe import build as build_stage
 from sparse_caffe import render as render_stage
 from sparse_caffe import run as run_stage
 from sparse_caffe import source as source_stage
+from sparse_caffe import weights as weights_stage
 from sparse_caffe.config import BuildOptions, PROJECT_ROOT, cache_dir
 from sparse_caffe.errors import UserError
 
@@ -68,7 +71,8 @@ def build(c, blas="openblas", caffe_source=None, jobs=0):
 @user_errors
 def test(c, blas="openblas", caffe_source=None, k=None, unit=False):
     """Run the tests: unit tests, then pycaffe and Caffe's own gtests against the patched build."""
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           **build_stage.runtime_env(blas)}
     paths = ["tests"]
     if not unit:
         result = build_stage.build(BuildOptions(blas=blas), caffe_source)
@@ -76,6 +80,31 @@ def test(c, blas="openblas", caffe_source=None, k=None, unit=False):
         paths.append("caffe_tests")
     args = [sys.executable, "-m", "pytest", *paths] + (["-k", k] if k else [])
     c.run(" ".join(args), env=env, pty=False, echo=True)
+
+
+@task(help={"net": "caffenet or resnet50 (resnet50-dense is the unpruned starting model)",
+            "weights": "a .caffemodel.bz2 downloaded by hand: checked the same way, then cached",
+            "allow_dense": "accept the dense ResNet-50 starting model (it has no zeros)"})
+@user_errors
+def fetch_weights(c, net, weights=None, allow_dense=False):
+    """Download SkimCaffe's pruned weights (needs the internet), verify them by git blob id, cache them."""
+    if weights:
+        path = weights_stage.place(net, Path(weights), cache_dir(), allow_dense=allow_dense)
+    else:
+        path = weights_stage.fetch(net, cache_dir(), allow_dense=allow_dense,
+                                   progress=weights_progress())
+    print(path)
+
+
+def weights_progress():
+    last = [0.0]
+
+    def report(done, total):
+        if time.monotonic() - last[0] > 2 or (total and done == total):
+            last[0] = time.monotonic()
+            share = f" of {total / 1e6:.0f} MB" if total else ""
+            print(f"  {done / 1e6:.0f} MB{share}", file=sys.stderr, flush=True)
+    return report
 
 
 @task(help={"blas": BLAS_HELP, "shape": "layer shape (default res5_branch2b)",
@@ -99,6 +128,6 @@ def clean(c, all=False):
     c.run(f"rm -rf {target}", echo=True)
 
 
-namespace = Collection(fetch, render, build, test, bench_layer, clean)
+namespace = Collection(fetch, render, build, test, fetch_weights, bench_layer, clean)
 namespace.configure({"run": {"echo": True}})
 os.chdir(PROJECT_ROOT)

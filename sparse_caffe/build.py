@@ -79,7 +79,14 @@ class Build:
         env = dict(os.environ if base is None else base)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.python_path), env.get("PYTHONPATH")]))
         env.setdefault("GLOG_minloglevel", "2")
+        env.update(runtime_env(self.inputs.get("blas", "openblas")))
         return env
+
+
+def runtime_env(blas: str) -> dict:
+    """What a process using a build of this BLAS needs: MKL must thread with GNU OpenMP, the
+    runtime our own kernels use, so that two OpenMP runtimes never share the cores."""
+    return {"MKL_THREADING_LAYER": "GNU"} if blas == "mkl" else {}
 
 
 # ----------------------------------------------------------------------------- inputs and key

@@ -112,7 +112,7 @@ def weights_entry(net: str, *, allow_dense: bool = False) -> PrunedWeights:
         raise UserError(f"{net} is refused by default: it is {entry.description}, which has no zeros "
                         f"(it is the starting point, not the pruned model), so the sparse paths have "
                         f"nothing to skip; use {' or '.join(pruned)}, or allow the dense model "
-                        f"explicitly (allow_dense) for a dense baseline only")
+                        f"explicitly (--allow-dense) for a dense baseline only")
     return entry
 
 

@@ -49,3 +49,15 @@ def test_wrong_hash(tmp_path):
     assert_one_error_line(result, "does not match the pinned commit 99bd99795dcd", "tree hash")
     source = tmp_path / "cache" / "source"
     assert not source.exists() or not any(source.iterdir())
+
+
+def test_fetch_weights_unknown_net(tmp_path):
+    assert_one_error_line(inv("fetch-weights", "--net", "vgg16", cache=tmp_path),
+                          "unknown net 'vgg16'", "caffenet, resnet50")
+
+
+def test_fetch_weights_refuses_a_missing_hand_downloaded_file(tmp_path):
+    result = inv("fetch-weights", "--net", "resnet50", "--weights", str(tmp_path / "nope.bz2"),
+                 cache=tmp_path / "cache")
+    assert_one_error_line(result, "nope.bz2")
+    assert not (tmp_path / "cache" / "weights").exists() or not any((tmp_path / "cache" / "weights").iterdir())
