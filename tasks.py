@@ -10,8 +10,10 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from sparse_caffe import bench as bench_stage
 from sparse_caffe import build as build_stage
 from sparse_caffe import render as render_stage
+from sparse_caffe import report as report_stage
 from sparse_caffe import run as run_stage
 from sparse_caffe import source as source_stage
 from sparse_caffe import weights as weights_stage
@@ -121,6 +123,50 @@ def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zer
                                 repeats=repeats))
 
 
+@task(help={"net": "caffenet or resnet50",
+            "weights": "skimcaffe, synthetic, or a .caffemodel path (default: SkimCaffe's if "
+                       "fetched, else the synthetic default model)",
+            "paths": "comma list of forward paths (default: all; dense is always measured)",
+            "backend": "sparse back end: openmp (default) or mkl (needs --blas mkl)",
+            "blas": BLAS_HELP, "batch": "images per forward (default 1)",
+            "threads": "OpenMP/BLAS/MKL threads (default: every core)",
+            "images": "a folder of images, or how many shipped photographs (default: all)",
+            "repeats": "measured forwards per path (default 20)",
+            "warmup": "unmeasured forwards first (default 3)",
+            "layers": "only convolutions whose name matches this regular expression",
+            "transform": "fold (BatchNorm folded, ReLU fused; default) or none"})
+@user_errors
+def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="openmp",
+          blas="openblas", batch=1, threads=0, images=None, repeats=20, warmup=3, layers=None,
+          transform="fold"):
+    """Benchmark every convolution of a net on every forward path; write results/<run>/."""
+    options = bench_stage.BenchOptions(
+        net=net, weights=weights, paths=bench_stage.parse_paths(paths), backend=backend,
+        batch=batch, threads=threads, images=images, repeats=repeats, warmup=warmup,
+        layers=layers, transform=transform)
+    if backend == "mkl" and blas != "mkl":
+        raise UserError("--backend mkl needs an MKL build: add --blas mkl")
+    result = build_stage.build(BuildOptions(blas=blas))
+    print(bench_stage.run_benchmark(result, options))
+
+
+@task(help={"run_dir": "a folder written by ./inv bench"})
+@user_errors
+def report(c, run_dir):
+    """Re-draw a run's plots from its results.json and print its table."""
+    results = report_stage.load(Path(run_dir))
+    for path in report_stage.plot(results, Path(run_dir)):
+        print(path)
+    print(report_stage.table(results))
+
+
+@task(help={"run_a": "baseline run folder", "run_b": "run folder to compare with it"})
+@user_errors
+def compare(c, run_a, run_b):
+    """Print per-layer times of two runs side by side, with ratios B/A."""
+    print(report_stage.compare(report_stage.load(Path(run_a)), report_stage.load(Path(run_b))))
+
+
 @task(help={"all": "also remove fetched sources, downloads and ccache, not only build trees"})
 def clean(c, all=False):
     """Remove build trees from the cache (with --all: everything the cache holds)."""
@@ -128,6 +174,7 @@ def clean(c, all=False):
     c.run(f"rm -rf {target}", echo=True)
 
 
-namespace = Collection(fetch, render, build, test, fetch_weights, bench_layer, clean)
+namespace = Collection(fetch, render, build, test, fetch_weights, bench, report, compare,
+                       bench_layer, clean)
 namespace.configure({"run": {"echo": True}})
 os.chdir(PROJECT_ROOT)

@@ -1,0 +1,166 @@
+"""Benchmark stage: `./inv bench`. Validate, build, run the measurement in pycaffe, write the run.
+
+Each run writes a new folder results/<net>-<weights>-<timestamp>/ (results.json, results.csv,
+plots). It is assembled under a hidden temporary name and renamed into place only when complete,
+so a failed or interrupted run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import report, nets, render
+from .build import Build
+from .config import CAFFE, PROJECT_ROOT, RESULTS_DIR, cache_dir
+from .errors import UserError
+from .run import thread_env
+
+PATHS = ("dense", "spmdm", "sparse_sparse", "sparse_output")
+BACKENDS = ("openmp", "mkl")
+TRANSFORMS = ("fold", "none")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    net: str
+    weights: str = "auto"  # auto (SkimCaffe if cached, else synthetic) | skimcaffe | synthetic | PATH
+    paths: tuple[str, ...] = PATHS
+    backend: str = "openmp"
+    batch: int = 1
+    threads: int = 0  # 0: every core
+    images: str | int | None = None  # None: shipped photographs; N: the first N; a folder
+    repeats: int = 20
+    warmup: int = 3
+    layers: str | None = None
+    transform: str = "fold"
+
+    def __post_init__(self) -> None:
+        nets.net_info(self.net)  # UserError for an unknown net
+        unknown = [p for p in self.paths if p not in PATHS]
+        if unknown or not self.paths:
+            raise UserError(f"unknown path {', '.join(unknown) or '(none)'}: choose from {', '.join(PATHS)}")
+        if self.paths[0] != "dense":
+            raise UserError("--paths must start with dense: every ratio is measured against it")
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown backend {self.backend!r}: choose openmp or mkl")
+        if self.transform not in TRANSFORMS:
+            raise UserError(f"unknown transform {self.transform!r}: choose fold or none")
+        for name in ("batch", "repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.threads < 0:
+            raise UserError("--warmup and --threads cannot be negative")
+        if self.layers:
+            try:
+                re.compile(self.layers)
+            except re.error as exc:
+                raise UserError(f"--layers {self.layers!r} is not a regular expression: {exc}") from None
+        if isinstance(self.images, str) and not self.images.isdigit() and not Path(self.images).is_dir():
+            raise UserError(f"--images {self.images}: no such folder (give a folder of images or a count)")
+
+    @property
+    def image_source(self):
+        if isinstance(self.images, str) and self.images.isdigit():
+            return int(self.images)
+        return self.images
+
+
+def parse_paths(text: str) -> tuple[str, ...]:
+    paths = tuple(p.strip() for p in text.split(",") if p.strip())
+    return paths if paths and paths[0] == "dense" else ("dense", *paths)
+
+
+def machine_info(threads: int) -> dict:
+    cpu, flags = platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == platform.machine():
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = sorted(f for f in line.split(":", 1)[1].split()
+                               if f.startswith(("avx", "sse4", "fma", "f16c", "amx")))
+        memory = next(int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        memory = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "simd_flags": flags,
+            "memory_mib": memory, "os": platform.platform(), "machine": platform.machine()}
+
+
+def software_info(build: Build) -> dict:
+    def git(*args):
+        result = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else None
+    inputs = build.inputs
+    return {"project_commit": git("rev-parse", "HEAD"),
+            "project_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "caffe_commit": CAFFE.commit, "caffe_source": inputs["source"],
+            "patch_series_sha256": render.series_sha256(), "blas": inputs["blas"],
+            "mkl": inputs.get("mkl"), "compiler": f"g++ {inputs['compiler']}",
+            "python": inputs["python"], "build": str(build.root)}
+
+
+def run_benchmark(build: Build, options: BenchOptions) -> Path:
+    if options.backend == "mkl" and build.inputs["blas"] != "mkl":
+        raise UserError("--backend mkl needs an MKL build: add --blas mkl")
+    threads = options.threads or os.cpu_count() or 1
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    partial = RESULTS_DIR / f".partial-{options.net}-{stamp}-{os.getpid()}"
+    partial.mkdir()
+    try:
+        spec = {**asdict(options), "images": options.image_source, "cache_dir": str(cache_dir())}
+        (partial / "spec.json").write_text(json.dumps(spec))
+        env = build.env()
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
+        env.update(thread_env(threads))
+        result = subprocess.run([sys.executable, "-m", "sparse_caffe.bench_runner",
+                                 str(partial / "spec.json"), str(partial / "raw.json")],
+                                env=env, stderr=subprocess.PIPE, text=True)
+        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+        if result.returncode != 0:
+            if errors:
+                raise UserError(errors[-1][len("error: "):])
+            tail = "\n".join(result.stderr.splitlines()[-8:])
+            raise UserError(f"the benchmark process failed (exit {result.returncode}):\n{tail}")
+        raw = json.loads((partial / "raw.json").read_text())
+        layers, net, problems = report.derive(raw, options.batch)
+        weights = raw["weights"]
+        results = {
+            "schema": report.SCHEMA,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine_info": machine_info(threads),
+            "software": {**software_info(build), "sparse_backends": raw["backends_in_build"]},
+            "weights": weights,
+            "images": raw["images"],
+            "params": {**asdict(options), "paths": list(options.paths), "threads": threads,
+                       "warmup_note": "warm-up forwards are run first and not measured",
+                       "timing_note": "per-layer times: sum of the layer's phase timers over "
+                                      "profiled forwards; whole-net times: separate unprofiled "
+                                      "forwards (wall clock)"},
+            "agreement_tolerance": raw["agreement_tolerance"],
+            "layers": layers,
+            "net": net,
+            "problems": problems,
+        }
+        (partial / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        report.write_csv(results, partial / "results.csv")
+        report.plot(results, partial)
+        (partial / "spec.json").unlink()
+        (partial / "raw.json").unlink()
+        kind = weights["kind"]
+        final = RESULTS_DIR / f"{options.net}-{kind}-{stamp}"
+        partial.rename(final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    print(report.table(results))
+    return final

@@ -1,0 +1,227 @@
+"""Inside pycaffe: run one benchmark spec and write its raw measurements as JSON.
+
+Started by sparse_caffe.bench in a subprocess whose PYTHONPATH names the build and whose
+environment fixes the threads. Everything that needs Caffe happens here; statistics, files and
+plots happen in the parent. Exit 2 with one `error: ...` line for a user mistake.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import images as images_stage
+from . import nets
+from . import synthetic
+from . import weights as weights_stage
+from .errors import UserError
+
+# A sparse path "agrees" with dense when every output of the layer is within this fraction of the
+# layer's largest dense output: float32 sums of up to ~5000 products, reordered, stay near 1e-6.
+AGREEMENT_TOLERANCE = 1e-4
+
+
+def resolve_weights(spec: dict, caffe_source: Path) -> dict:
+    """Which .caffemodel to load, and what it is (recorded in results.json)."""
+    choice, net = spec["weights"], spec["net"]
+    cache = Path(spec["cache_dir"])
+    if choice in ("auto", "skimcaffe"):
+        found = weights_stage.cached(net, cache) if net in weights_stage.SKIMCAFFE else None
+        if found:
+            entry = weights_stage.SKIMCAFFE[net]
+            return {"kind": "skimcaffe", "synthetic": False, "path": str(found),
+                    "sha256": weights_stage.file_sha256(found), "description": entry.description,
+                    "blob_id": entry.blob_id}
+        if choice == "skimcaffe":
+            raise UserError(f"SkimCaffe's {net} weights are not in the cache: run ./inv fetch-weights "
+                            f"--net {net} (needs the internet), or use --weights synthetic")
+    if choice in ("auto", "synthetic"):
+        say(f"weights: building or reusing the synthetic default model for {net} "
+            "(seeded, SkimCaffe's sparsity, calibrated on shipped photographs)")
+        model = synthetic.synthetic_model(net, cache, caffe_source=caffe_source)
+        return {"kind": "synthetic", "synthetic": True, "path": str(model.path),
+                "sha256": model.sha256, "description": f"synthetic {net}: {model.profile}",
+                "seed": model.seed, "target_input_zeros": model.target_input_zeros}
+    path = Path(choice)
+    if not path.is_file():
+        raise UserError(f"--weights {choice}: no such file; use skimcaffe, synthetic or a .caffemodel")
+    known = synthetic.cached_synthetic(path)
+    return {"kind": "synthetic" if known else "file", "synthetic": bool(known), "path": str(path),
+            "sha256": weights_stage.file_sha256(path), "description": f"weights file {path.name}"}
+
+
+def check_weights_fit(caffe, net, path: Path) -> None:
+    """Refuse a .caffemodel that does not fit the net with one clear line (Caffe would abort)."""
+    param = caffe.proto.caffe_pb2.NetParameter()
+    try:
+        param.ParseFromString(path.read_bytes())
+    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError types
+        raise UserError(f"{path} is not a Caffe .caffemodel (it does not parse)") from None
+    stored = {layer.name: [tuple(b.shape.dim) or (b.num, b.channels, b.height, b.width)
+                           for b in layer.blobs] for layer in list(param.layer) + list(param.layers)}
+    for name, blobs in net.params.items():
+        if name not in stored:
+            raise UserError(f"{path.name} does not fit this net: it has no layer {name!r}")
+        want = [tuple(b.data.shape) for b in blobs]
+        got = stored[name]
+        if len(got) != len(want) or any(int(np.prod(g)) != int(np.prod(w)) for g, w in zip(got, want)):
+            raise UserError(f"{path.name} does not fit this net: layer {name!r} has blobs {got}, "
+                            f"the net wants {want}")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_net(caffe, spec: dict, caffe_source: Path, weights: dict, tmp: Path):
+    text = nets.deploy(spec["net"], spec["batch"], caffe_source)
+    (tmp / "deploy.prototxt").write_text(text)
+    net = caffe.Net(str(tmp / "deploy.prototxt"), caffe.TEST)
+    check_weights_fit(caffe, net, Path(weights["path"]))
+    net.copy_from(weights["path"])
+    if spec["transform"] == "fold":
+        # Deploy transform: BatchNorm/Scale folded into the convolutions, ReLUs fused, so the
+        # sparse_output path can hand its CSR straight to the next convolution.
+        text, params = nets.fold_batchnorm(text, nets.net_weights(net), fuse_relu=True)
+        net = nets.load_net(text, params)
+    return net
+
+
+def conv_layers(net, pattern: str | None) -> list[str]:
+    import re
+    names = [name for name, layer in zip(net._layer_names, net.layers) if layer.type == "Convolution"]
+    if pattern:
+        names = [n for n in names if re.search(pattern, n)]
+        if not names:
+            raise UserError(f"--layers {pattern!r} matches no convolution layer of this net")
+    return names
+
+
+def layer_shapes(net, names: list[str]) -> dict:
+    shapes = {}
+    bottoms = {name: net.bottom_names[name][0] for name in names}
+    for name in names:
+        w = net.params[name][0].data.shape
+        shapes[name] = {"num_output": int(w[0]), "channels_per_group": int(w[1]),
+                        "kernel": [int(w[2]), int(w[3])],
+                        "input": list(net.blobs[bottoms[name]].data.shape[1:]),
+                        "output": list(net.blobs[net.top_names[name][0]].data.shape[1:])}
+    return shapes
+
+
+def run(spec: dict) -> dict:
+    import caffe
+    caffe.set_mode_cpu()
+    caffe_source = Path(caffe.__file__).resolve().parents[2]
+    weights = resolve_weights(spec, caffe_source)
+    source = spec["images"]
+    images = images_stage.load_images(spec["net"], Path(source) if isinstance(source, str) else source)
+    with tempfile.TemporaryDirectory() as tmp:
+        net = build_net(caffe, spec, caffe_source, weights, Path(tmp))
+    layers = conv_layers(net, spec["layers"])
+    output_blob = net.outputs[-1]
+    feeds = list(images_stage.batches(images, spec["batch"],
+                                      max(spec["repeats"], -(-images.count // spec["batch"]))))
+    caffe.clear_conv_forward_paths()
+    caffe.set_conv_sparse_backend(spec["backend"])
+
+    def forward(feed):
+        net.blobs["data"].data[...] = feed
+        net.forward()
+
+    reference, predictions, results = {}, {}, {}
+    total_steps = len(spec["paths"]) * (spec["warmup"] + 2 * spec["repeats"])
+    step, started = 0, time.monotonic()
+    for index, path in enumerate(spec["paths"]):
+        caffe.clear_conv_forward_paths()
+        caffe.set_conv_sparse_backend(spec["backend"])
+        for name in layers:
+            caffe.set_conv_forward_path(path, name)
+        times, phases, counters = [], {name: {} for name in layers}, {name: None for name in layers}
+
+        def progress(what, i):
+            nonlocal step
+            step += 1
+            elapsed = time.monotonic() - started
+            eta = elapsed / step * (total_steps - step)
+            if i == 0 or step % 10 == 0:
+                say(f"[{index + 1}/{len(spec['paths'])} {path}] {what} {i + 1}; "
+                    f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
+
+        for i in range(spec["warmup"]):  # warm-up: weight CSRs, caches, thread pools
+            forward(feeds[i % len(feeds)])
+            progress("warm-up", i)
+        for i in range(spec["repeats"]):  # profiled: per-layer phases
+            caffe.reset_conv_profile()
+            caffe.set_conv_profiling(True)
+            forward(feeds[i % len(feeds)])
+            caffe.set_conv_profiling(False)
+            profile = caffe.conv_profile()
+            for name in layers:
+                p = profile[name]
+                for phase, seconds in p["seconds"].items():
+                    phases[name].setdefault(phase, []).append(seconds * 1e3)
+                totals = counters[name] or dict.fromkeys(
+                    ("calls", "input_elements", "input_nonzeros", "dense_macs", "useful_macs",
+                     "inputs_handed_over"), 0)
+                for key in totals:
+                    totals[key] += p[key]
+                totals.update(weight_nonzeros=p["weight_nonzeros"],
+                              weight_elements=p["weight_elements"], path=p["path"],
+                              backend=p["backend"])
+                counters[name] = totals
+            progress("profiled forward", i)
+        for i in range(spec["repeats"]):  # unprofiled: whole-net time
+            net.blobs["data"].data[...] = feeds[i % len(feeds)]
+            start = time.perf_counter()
+            net.forward()
+            times.append((time.perf_counter() - start) * 1e3)
+            progress("timed forward", i)
+        # Correctness against dense on the first batch, and top-1 over every image.
+        forward(feeds[0])
+        outputs = {name: net.blobs[net.top_names[name][0]].data.copy() for name in layers}
+        if path == spec["paths"][0]:
+            reference = outputs
+        differences = {name: float(np.abs(outputs[name] - reference[name]).max() /
+                                   max(float(np.abs(reference[name]).max()), 1e-30))
+                       for name in layers}
+        top1 = []
+        for feed in feeds[:-(-images.count // spec["batch"])]:
+            forward(feed)
+            top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(spec["batch"], -1).argmax(1))
+        predictions[path] = top1
+        results[path] = {"net_times_ms": times, "phases_ms": phases, "counters": counters,
+                         "max_rel_diff": differences}
+    caffe.clear_conv_forward_paths()
+    baseline = predictions[spec["paths"][0]]
+    for path in spec["paths"]:
+        same = sum(a == b for a, b in zip(predictions[path], baseline))
+        results[path]["top1_agreement"] = same / len(baseline)
+    return {"weights": weights, "images": images.describe(), "layers": layers,
+            "shapes": layer_shapes(net, layers), "paths": results,
+            "agreement_tolerance": AGREEMENT_TOLERANCE,
+            "backends_in_build": list(caffe.conv_sparse_backends())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("spec", help="JSON file with the benchmark spec")
+    parser.add_argument("out", help="where to write the raw measurements (JSON)")
+    args = parser.parse_args(argv)
+    spec = json.loads(Path(args.spec).read_text())
+    try:
+        raw = run(spec)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(json.dumps(raw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
