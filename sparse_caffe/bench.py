@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import report, nets, render
 from .build import Build
-from .config import CAFFE, PROJECT_ROOT, RESULTS_DIR, cache_dir
+from .config import CAFFE, PROJECT_ROOT, cache_dir, results_dir
 from .errors import UserError
 from .run import thread_env
 
@@ -113,8 +113,8 @@ def run_benchmark(build: Build, options: BenchOptions) -> Path:
         raise UserError("--backend mkl needs an MKL build: add --blas mkl")
     threads = options.threads or os.cpu_count() or 1
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    partial = RESULTS_DIR / f".partial-{options.net}-{stamp}-{os.getpid()}"
+    results_dir().mkdir(parents=True, exist_ok=True)
+    partial = results_dir() / f".partial-{options.net}-{stamp}-{os.getpid()}"
     partial.mkdir()
     try:
         spec = {**asdict(options), "images": options.image_source, "cache_dir": str(cache_dir())}
@@ -157,7 +157,11 @@ def run_benchmark(build: Build, options: BenchOptions) -> Path:
         (partial / "spec.json").unlink()
         (partial / "raw.json").unlink()
         kind = weights["kind"]
-        final = RESULTS_DIR / f"{options.net}-{kind}-{stamp}"
+        final = results_dir() / f"{options.net}-{kind}-{stamp}"
+        suffix = 1
+        while final.exists():  # never overwrite an earlier run
+            suffix += 1
+            final = results_dir() / f"{options.net}-{kind}-{stamp}-{suffix}"
         partial.rename(final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

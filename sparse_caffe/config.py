@@ -10,7 +10,6 @@ from .errors import UserError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = PROJECT_ROOT / "templates"
 PATCHES_DIR = PROJECT_ROOT / "patches"
-RESULTS_DIR = PROJECT_ROOT / "results"
 
 # The command that regenerates patches/; written into every generated file's header.
 RENDER_COMMAND = "./inv render"
@@ -146,6 +145,12 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
 
 CONV_TEMPLATE_CONFIG = ConvTemplateConfig()
 CAFFE = CaffePin()
+
+
+def results_dir() -> Path:
+    """Where benchmark runs are written: results/ in the repo, or $SPARSE_CAFFE_RESULTS."""
+    configured = os.environ.get("SPARSE_CAFFE_RESULTS")
+    return Path(configured).expanduser().resolve() if configured else PROJECT_ROOT / "results"
 
 
 def cache_dir() -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .build import Build
-from .config import PROJECT_ROOT, RESULTS_DIR
+from .config import PROJECT_ROOT, results_dir
 from .errors import UserError
 
 
@@ -27,7 +27,7 @@ def bench_layer(build: Build, shape: str, threads: int, weight_zeros: float, inp
     if repeats < 1:
         raise UserError("--repeats must be at least 1")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = RESULTS_DIR / "layer-bench"
+    out_dir = results_dir() / "layer-bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{shape}-{build.inputs['blas']}-t{threads}-{stamp}.json"
     partial = target.with_suffix(".partial")
