@@ -1,0 +1,177 @@
+"""./inv bench end to end on a small slice of CaffeNet (1-2 repeats): schema, numbers derived from
+measurements, CSV = JSON, report from the JSON alone, and the bad-input cases."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparse_caffe.config import PROJECT_ROOT
+
+ARGS = ["--net", "caffenet", "--weights", "synthetic", "--layers", "conv[35]", "--repeats", "2",
+        "--warmup", "0", "--images", "2", "--threads", "1"]
+
+
+def inv(*args, results: Path, timeout=900):
+    env = {**os.environ, "SPARSE_CAFFE_RESULTS": str(results)}
+    invoke = Path(sys.executable).parent / "invoke"
+    return subprocess.run([str(invoke), *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    done = inv("bench", *ARGS, results=results)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [p for p in results.iterdir()]
+    assert len(runs) == 1 and runs[0].name.startswith("caffenet-synthetic-"), runs
+    return runs[0]
+
+
+def test_results_folder_is_complete(run_dir):
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "layer_times.png", "results.csv", "results.json", "speedup.png", "speedup_vs_sparsity.png"]
+
+
+def test_json_schema(run_dir):
+    r = json.loads((run_dir / "results.json").read_text())
+    assert r["schema"] == "sparse-caffe-bench/1"
+    assert {"cpu", "cores", "threads", "simd_flags", "memory_mib"} <= set(r["machine_info"])
+    assert {"project_commit", "project_dirty", "caffe_commit", "caffe_source", "patch_series_sha256",
+            "blas", "compiler", "python"} <= set(r["software"])
+    assert r["weights"]["synthetic"] is True and r["weights"]["kind"] == "synthetic"
+    assert len(r["weights"]["sha256"]) == 64
+    assert r["images"]["count"] == 2 and len(r["images"]["sha256"]) == 64
+    assert r["params"]["paths"] == ["dense", "spmdm", "sparse_sparse", "sparse_output"]
+    assert [layer["name"] for layer in r["layers"]] == ["conv3", "conv5"]
+    for layer in r["layers"]:
+        assert set(layer["paths"]) == set(r["params"]["paths"])
+        for result in layer["paths"].values():
+            assert len(result["times_ms"]) == 2
+            assert {"min", "median", "q1", "q3", "iqr", "mean", "stddev"} <= set(result["stats"])
+    assert set(r["net"]) == set(r["params"]["paths"])
+    assert r["problems"] == []
+
+
+def test_every_number_is_derived_from_measurements(run_dir, caffe):
+    r = json.loads((run_dir / "results.json").read_text())
+    for layer in r["layers"]:
+        dense = layer["paths"]["dense"]
+        for path, result in layer["paths"].items():
+            # per-forward layer time = the sum of its phases, forward by forward
+            phases = result["phases_raw_ms"]
+            assert result["times_ms"] == pytest.approx([sum(v) for v in zip(*phases.values())])
+            assert result["stats"]["median"] == pytest.approx(statistics.median(result["times_ms"]))
+            assert result["stats"]["min"] == min(result["times_ms"]) > 0
+            assert result["speedup_vs_dense"] == pytest.approx(
+                dense["stats"]["median"] / result["stats"]["median"])
+            seconds = result["stats"]["median"] / 1e3
+            assert result["effective_gflops"] == pytest.approx(
+                2 * layer["dense_macs_per_image"] / seconds / 1e9)
+            assert result["agrees"] and result["max_rel_diff"] < 1e-4
+        # dense MACs from the layer's own shape: M x K x N
+        out_c, in_per_group, (kh, kw) = layer["num_output"], layer["channels_per_group"], layer["kernel"]
+        assert layer["dense_macs_per_image"] == out_c * in_per_group * kh * kw * np.prod(layer["output"][1:])
+        assert 0 < layer["useful_macs_per_image"] < layer["dense_macs_per_image"]
+    # weight sparsity equals that of the weights file itself
+    from sparse_caffe import nets
+    net = nets.load_net(nets.deploy("caffenet", 1, Path(caffe.__file__).resolve().parents[2]))
+    net.copy_from(r["weights"]["path"])
+    for layer in r["layers"]:
+        w = net.params[layer["name"]][0].data
+        assert layer["weight_sparsity"] == pytest.approx(np.mean(w == 0))
+    for path, result in r["net"].items():
+        assert result["stats"]["median"] == pytest.approx(statistics.median(result["times_ms"]))
+        assert result["top1_agreement"] == 1.0
+
+
+def test_csv_agrees_with_json(run_dir):
+    r = json.loads((run_dir / "results.json").read_text())
+    rows = list(csv.DictReader(open(run_dir / "results.csv")))
+    assert len(rows) == len(r["layers"]) * len(r["params"]["paths"])
+    for row in rows:
+        layer = next(x for x in r["layers"] if x["name"] == row["layer"])
+        result = layer["paths"][row["path"]]
+        assert float(row["median_ms"]) == pytest.approx(result["stats"]["median"])
+        assert float(row["speedup_vs_dense"]) == pytest.approx(result["speedup_vs_dense"])
+        assert float(row["input_sparsity"]) == pytest.approx(layer["input_sparsity"])
+        assert float(row["input2csr_ms"]) == pytest.approx(result["phases_ms"]["input2csr"])
+
+
+def test_report_redraws_from_the_json_alone(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "results.json").write_text((run_dir / "results.json").read_text())
+    done = inv("report", str(copy), results=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in copy.glob("*.png")} == {"layer_times.png", "speedup.png",
+                                                    "speedup_vs_sparsity.png"}
+    assert "conv3" in done.stdout and "whole net" in done.stdout
+    compared = inv("compare", str(run_dir), str(copy), results=tmp_path)
+    assert compared.returncode == 0 and "1.00" in compared.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--net", "vgg16"], "unknown net 'vgg16'"),
+    (["--net", "caffenet", "--paths", "dense,fastest"], "unknown path fastest"),
+    (["--net", "caffenet", "--backend", "cuda"], "unknown backend 'cuda'"),
+    (["--net", "caffenet", "--repeats", "0"], "--repeats must be at least 1"),
+    (["--net", "caffenet", "--backend", "mkl"], "--backend mkl needs an MKL build"),
+    (["--net", "caffenet", "--images", "/no/such/folder"], "no such folder"),
+    (["--net", "caffenet", "--weights", "/no/such.caffemodel"], "no such file"),
+])
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, args, message):
+    done = inv("bench", *args, results=tmp_path)
+    assert done.returncode != 0
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_image_folder_and_unfitting_weights(tmp_path, caffe):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    results = tmp_path / "results"
+    done = inv("bench", *ARGS[:-6], "--images", str(empty), results=results)
+    assert done.returncode != 0 and "error:" in done.stderr.splitlines()[-1]
+    assert not results.exists() or list(results.iterdir()) == []
+    # weights of another net: a one-layer net's .caffemodel
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
+    n.conv1 = L.Convolution(n.data, num_output=2, kernel_size=3)
+    (tmp_path / "small.prototxt").write_text(str(n.to_proto()))
+    caffe.Net(str(tmp_path / "small.prototxt"), caffe.TEST).save(str(tmp_path / "small.caffemodel"))
+    done = inv("bench", "--net", "caffenet", "--weights", str(tmp_path / "small.caffemodel"),
+               "--repeats", "1", results=results)
+    assert done.returncode != 0
+    assert "does not fit this net" in done.stderr.splitlines()[-1], done.stderr[-1500:]
+    assert not results.exists() or list(results.iterdir()) == []
+
+
+def test_interrupted_run_leaves_nothing(tmp_path):
+    env = {**os.environ, "SPARSE_CAFFE_RESULTS": str(tmp_path)}
+    invoke = Path(sys.executable).parent / "invoke"
+    proc = subprocess.Popen([str(invoke), "bench", "--net", "caffenet", "--weights", "synthetic",
+                             "--repeats", "50", "--images", "1", "--threads", "1"],
+                            cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(tmp_path.iterdir()):
+        time.sleep(0.2)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == []
