@@ -109,6 +109,21 @@ def weights_progress():
     return report
 
 
+@task(help={"net": "caffenet or resnet50",
+            "weights": "skimcaffe, synthetic, or a .caffemodel (default: SkimCaffe's if fetched, "
+                       "else the synthetic default)",
+            "images": "a folder of images, or how many shipped photographs (default: all)",
+            "batch": "images per forward", "blas": BLAS_HELP,
+            "json": "where to write the JSON (default results/inspect/<net>-<time>.json)"})
+@user_errors
+def inspect(c, net, weights="auto", images=None, batch=1, blas="openblas", json=None):
+    """Per-layer sparsity report: shapes, weight and measured input sparsity, dense/useful MACs."""
+    from sparse_caffe import nets
+    nets.net_info(net)
+    result = build_stage.build(BuildOptions(blas=blas))
+    print(run_stage.inspect(result, net, weights, images, batch, json))
+
+
 @task(help={"blas": BLAS_HELP, "shape": "layer shape (default res5_branch2b)",
             "threads": "OpenMP/BLAS/MKL threads (default: all cores)",
             "weight_zeros": "fraction of zero weights (default 0.98)",
@@ -174,7 +189,7 @@ def clean(c, all=False):
     c.run(f"rm -rf {target}", echo=True)
 
 
-namespace = Collection(fetch, render, build, test, fetch_weights, bench, report, compare,
-                       bench_layer, clean)
+namespace = Collection(fetch, render, build, test, fetch_weights, inspect, bench, report,
+                       compare, bench_layer, clean)
 namespace.configure({"run": {"echo": True}})
 os.chdir(PROJECT_ROOT)

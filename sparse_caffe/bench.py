@@ -12,16 +12,15 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import report, nets, render
+from . import nets, render, report
+from . import run as run_stage
 from .build import Build
 from .config import CAFFE, PROJECT_ROOT, cache_dir, results_dir
 from .errors import UserError
-from .run import thread_env
 
 PATHS = ("dense", "spmdm", "sparse_sparse", "sparse_output")
 BACKENDS = ("openmp", "mkl")
@@ -119,18 +118,10 @@ def run_benchmark(build: Build, options: BenchOptions) -> Path:
     try:
         spec = {**asdict(options), "images": options.image_source, "cache_dir": str(cache_dir())}
         (partial / "spec.json").write_text(json.dumps(spec))
-        env = build.env()
-        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
-        env.update(thread_env(threads))
-        result = subprocess.run([sys.executable, "-m", "sparse_caffe.bench_runner",
-                                 str(partial / "spec.json"), str(partial / "raw.json")],
-                                env=env, stderr=subprocess.PIPE, text=True)
-        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-        if result.returncode != 0:
-            if errors:
-                raise UserError(errors[-1][len("error: "):])
-            tail = "\n".join(result.stderr.splitlines()[-8:])
-            raise UserError(f"the benchmark process failed (exit {result.returncode}):\n{tail}")
+        # Progress goes straight to the terminal; errors come back as one line.
+        result = run_stage.pycaffe(build, "bench_runner", [str(partial / "spec.json"),
+                                                           str(partial / "raw.json")], threads)
+        run_stage.raise_for(result, "the benchmark process", partial / "raw.error")
         raw = json.loads((partial / "raw.json").read_text())
         layers, net, problems = report.derive(raw, options.batch)
         weights = raw["weights"]

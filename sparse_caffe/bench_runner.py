@@ -2,7 +2,7 @@
 
 Started by sparse_caffe.bench in a subprocess whose PYTHONPATH names the build and whose
 environment fixes the threads. Everything that needs Caffe happens here; statistics, files and
-plots happen in the parent. Exit 2 with one `error: ...` line for a user mistake.
+plots happen in the parent. For a user mistake: exit 2, the message in <out>.error.
 """
 from __future__ import annotations
 
@@ -217,7 +217,8 @@ def main(argv=None) -> int:
     try:
         raw = run(spec)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # stderr is the user's terminal (progress); the parent reads the error from this file.
+        Path(args.out).with_suffix(".error").write_text(str(exc))
         return 2
     Path(args.out).write_text(json.dumps(raw))
     return 0

@@ -228,3 +228,45 @@ def format_table(rows: list[LayerRow]) -> str:
 
 __all__ = ["LayerRow", "inspect", "load_weights", "weights_identity", "make_meta", "to_json",
            "from_json", "format_table", "REPORT_VERSION"]
+
+
+def main(argv=None) -> int:
+    """Entry point inside pycaffe (run by ./inv inspect): print the table, write the JSON."""
+    import argparse
+    import sys
+
+    from . import images as images_stage
+    from .bench_runner import resolve_weights
+    from .config import cache_dir
+
+    parser = argparse.ArgumentParser(description="Per-layer sparsity report of a net")
+    parser.add_argument("--net", required=True)
+    parser.add_argument("--weights", default="auto")
+    parser.add_argument("--images", default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args(argv)
+    try:
+        import caffe
+        caffe.set_mode_cpu()
+        source = Path(caffe.__file__).resolve().parents[2]
+        chosen = resolve_weights({"weights": args.weights, "net": args.net,
+                                  "cache_dir": str(cache_dir())}, source)
+        images_arg = args.images
+        if images_arg is not None:
+            images_arg = int(images_arg) if images_arg.isdigit() else Path(images_arg)
+        images = images_stage.load_images(args.net, images_arg)
+        rows = inspect(args.net, Path(chosen["path"]), images, args.batch, caffe_source=source)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    meta = make_meta(args.net, Path(chosen["path"]), images, args.batch)
+    Path(args.json).write_text(json.dumps(to_json(rows, meta), indent=1) + "\n")
+    label = "SYNTHETIC weights" if chosen["synthetic"] else f"{chosen['kind']} weights"
+    print(f"{args.net}, {label} ({chosen['path']}), {images.count} images")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

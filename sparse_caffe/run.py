@@ -21,6 +21,52 @@ def thread_env(threads: int) -> dict:
     return {"OMP_NUM_THREADS": value, "OPENBLAS_NUM_THREADS": value, "MKL_NUM_THREADS": value}
 
 
+def pycaffe(build: Build, module: str, args: list[str], threads: int,
+            capture_stderr: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m sparse_caffe.<module> args` with the build's pycaffe and `threads` threads."""
+    env = build.env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
+    env.update(thread_env(threads))
+    return subprocess.run([sys.executable, "-m", f"sparse_caffe.{module}", *args], env=env,
+                          stderr=subprocess.PIPE if capture_stderr else None, text=True)
+
+
+def raise_for(result: subprocess.CompletedProcess, what: str, error_file: Path | None = None) -> None:
+    """One clear line for a failed pycaffe subprocess: its own error message (from error_file or
+    an `error:` line), else the tail of its output."""
+    if result.returncode == 0:
+        return
+    if error_file is not None and error_file.is_file():
+        raise UserError(error_file.read_text().strip())
+    lines = (result.stderr or "").splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    if errors:
+        raise UserError(errors[-1][len("error: "):])
+    tail = "\n".join(lines[-8:])
+    raise UserError(f"{what} failed (exit {result.returncode})" + (f":\n{tail}" if tail else ""))
+
+
+def inspect(build: Build, net: str, weights: str, images: str | None, batch: int,
+            json_path: str | None) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = Path(json_path) if json_path else results_dir() / "inspect" / f"{net}-{stamp}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    args = ["--net", net, "--weights", weights, "--batch", str(batch), "--json", str(partial)]
+    if images:
+        args += ["--images", images]
+    try:
+        result = pycaffe(build, "inspect", args, os.cpu_count() or 1, capture_stderr=True)
+        if result.stderr:
+            sys.stderr.write("".join(ln + "\n" for ln in result.stderr.splitlines()
+                                     if not ln.startswith("error:")))
+        raise_for(result, "the sparsity report")
+        partial.rename(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
 def bench_layer(build: Build, shape: str, threads: int, weight_zeros: float, input_zeros: float,
                 repeats: int) -> Path:
     """Run sparse_caffe.layer_bench against a build; its JSON lands in results/layer-bench/."""
@@ -31,12 +77,9 @@ def bench_layer(build: Build, shape: str, threads: int, weight_zeros: float, inp
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{shape}-{build.inputs['blas']}-t{threads}-{stamp}.json"
     partial = target.with_suffix(".partial")
-    env = build.env()
-    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
-    env.update(thread_env(threads))
-    result = subprocess.run([sys.executable, "-m", "sparse_caffe.layer_bench", "--shape", shape,
-                             "--weight-zeros", str(weight_zeros), "--input-zeros", str(input_zeros),
-                             "--repeats", str(repeats), "--json", str(partial)], env=env)
+    result = pycaffe(build, "layer_bench", ["--shape", shape, "--weight-zeros", str(weight_zeros),
+                                            "--input-zeros", str(input_zeros), "--repeats",
+                                            str(repeats), "--json", str(partial)], threads)
     if result.returncode != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
         raise UserError("the layer benchmark failed or a path disagreed with dense (see above)")
