@@ -138,9 +138,10 @@ def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zer
                                 repeats=repeats))
 
 
-@task(help={"net": "caffenet or resnet50",
+@task(help={"net": "caffenet, resnet50, or resnet50-1by2 (Yahoo's open_nsfw, real weights)",
             "weights": "skimcaffe, synthetic, or a .caffemodel path (default: SkimCaffe's if "
-                       "fetched, else the synthetic default model)",
+                       "fetched, else the synthetic default model); for resnet50-1by2: pruned "
+                       "(default) or unpruned",
             "paths": "comma list of forward paths (default: all; dense is always measured)",
             "backend": "sparse back end: openmp (default) or mkl (needs --blas mkl)",
             "blas": BLAS_HELP, "batch": "images per forward (default 1)",
@@ -149,16 +150,18 @@ def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zer
             "repeats": "measured forwards per path (default 20)",
             "warmup": "unmeasured forwards first (default 3)",
             "layers": "only convolutions whose name matches this regular expression",
-            "transform": "fold (BatchNorm folded, ReLU fused; default) or none"})
+            "transform": "fold (BatchNorm folded, ReLU fused; default) or none",
+            "pytorch": "also time each layer in PyTorch's CPU convolution (installs torch 2.13.0 "
+                       "the first time)"})
 @user_errors
 def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="openmp",
           blas="openblas", batch=1, threads=0, images=None, repeats=20, warmup=3, layers=None,
-          transform="fold"):
+          transform="fold", pytorch=False):
     """Benchmark every convolution of a net on every forward path; write results/<run>/."""
     options = bench_stage.BenchOptions(
         net=net, weights=weights, paths=bench_stage.parse_paths(paths), backend=backend,
         batch=batch, threads=threads, images=images, repeats=repeats, warmup=warmup,
-        layers=layers, transform=transform)
+        layers=layers, transform=transform, pytorch=pytorch)
     if backend == "mkl" and blas != "mkl":
         raise UserError("--backend mkl needs an MKL build: add --blas mkl")
     result = build_stage.build(BuildOptions(blas=blas))

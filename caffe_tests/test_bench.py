@@ -175,3 +175,33 @@ def test_interrupted_run_leaves_nothing(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode != 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pytorch_side_by_side_baseline(tmp_path):
+    """--pytorch installs torch on demand and times the same layers with the same weights and
+    inputs in PyTorch's CPU convolution; its outputs must match Caffe's dense ones."""
+    done = inv("bench", *ARGS[:4], "--layers", "conv3", "--repeats", "1", "--warmup", "0",
+               "--images", "1", "--threads", "1", "--paths", "dense,spmdm", "--pytorch",
+               results=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(next(tmp_path.iterdir()).joinpath("results.json").read_text())
+    torch_run = r["layers"][0]["pytorch"]
+    assert torch_run["agrees"] and len(torch_run["times_ms"]) == 1
+    assert torch_run["speedup_vs_dense"] == pytest.approx(
+        r["layers"][0]["paths"]["dense"]["stats"]["median"] / torch_run["stats"]["median"])
+    assert "pytorch" in done.stdout
+
+
+def test_open_nsfw_net_with_real_weights(tmp_path):
+    """resnet50-1by2: Yahoo's open_nsfw converted from ONNX, pruned to SkimCaffe's profile."""
+    done = inv("bench", "--net", "resnet50-1by2", "--layers", "res5c_branch2b", "--repeats", "1",
+               "--warmup", "0", "--images", "1", "--threads", "1", "--paths", "dense,sparse_sparse",
+               results=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next(tmp_path.iterdir())
+    assert run.name.startswith("resnet50-1by2-open_nsfw-pruned-")
+    r = json.loads((run / "results.json").read_text())
+    assert r["weights"]["synthetic"] is False and "open_nsfw" in r["weights"]["description"]
+    layer = r["layers"][0]
+    assert layer["weight_sparsity"] == pytest.approx(0.9792, abs=1e-4)
+    assert layer["paths"]["sparse_sparse"]["agrees"]

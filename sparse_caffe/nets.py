@@ -39,6 +39,8 @@ class NetInfo:
 NETS = {
     "caffenet": NetInfo("caffenet", 227, (104.0, 117.0, 123.0)),
     "resnet50": NetInfo("resnet50", 224, (104.0, 117.0, 123.0)),
+    # Yahoo's open_nsfw, a half-width ResNet-50 trained on real photos (sparse_caffe/onnx_import).
+    "resnet50-1by2": NetInfo("resnet50-1by2", 224, (104.0, 117.0, 123.0)),
 }
 
 
@@ -54,6 +56,9 @@ def deploy(name: str, batch: int, caffe_source: Path) -> str:
     name = net_info(name).name
     if name == "caffenet":
         return caffenet_deploy(caffe_source, batch)
+    if name == "resnet50-1by2":
+        from .onnx_import import convert
+        return convert(batch=batch)[0]
     return resnet50_deploy(batch)
 
 

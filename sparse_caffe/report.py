@@ -63,6 +63,16 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
             if not result["agrees"]:
                 problems.append(f"{name} on {path}: output differs from dense by "
                                 f"{result['max_rel_diff']:.1e} of its largest value")
+        torch_run = (raw.get("pytorch") or {}).get("layers", {}).get(name)
+        if torch_run:
+            entry["pytorch"] = {"times_ms": torch_run["times_ms"], "stats": stats(torch_run["times_ms"]),
+                                "max_rel_diff": torch_run["max_rel_diff"],
+                                "agrees": torch_run["max_rel_diff"] <= raw["agreement_tolerance"]}
+            entry["pytorch"]["speedup_vs_dense"] = (dense["stats"]["median"] /
+                                                    entry["pytorch"]["stats"]["median"])
+            if not entry["pytorch"]["agrees"]:
+                problems.append(f"{name} in PyTorch: output differs from Caffe's dense by "
+                                f"{torch_run['max_rel_diff']:.1e} of its largest value")
         layers.append(entry)
     net = {}
     for path in paths:
@@ -113,7 +123,9 @@ def write_csv(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     """The terminal table: per layer, each path's median time and speedup over dense."""
     paths = list(results["params"]["paths"])
-    head = f"{'layer':<18}{'w 0%':>6}{'in 0%':>6}" + "".join(f"{p[:13]:>15}" for p in paths) + "   best"
+    torch = all("pytorch" in layer for layer in results["layers"]) and results["layers"]
+    head = (f"{'layer':<18}{'w 0%':>6}{'in 0%':>6}" + "".join(f"{p[:13]:>15}" for p in paths)
+            + (f"{'pytorch':>15}" if torch else "") + "   best")
     lines = [head, "-" * len(head)]
     for layer in results["layers"]:
         cells = []
@@ -121,6 +133,10 @@ def table(results: dict) -> str:
             r = layer["paths"][p]
             mark = "!" if not r["agrees"] else ""
             cells.append(f"{r['stats']['median']:8.3f} {r['speedup_vs_dense']:4.1f}x{mark}")
+        if torch:
+            t = layer["pytorch"]
+            cells.append(f"{t['stats']['median']:8.3f} {t['speedup_vs_dense']:4.1f}x"
+                         + ("" if t["agrees"] else "!"))
         best = max(paths, key=lambda p: layer["paths"][p]["speedup_vs_dense"])
         lines.append(f"{layer['name'][:18]:<18}{layer['weight_sparsity']:6.0%}{layer['input_sparsity']:6.0%}"
                      + "".join(f"{c:>15}" for c in cells) + f"   {best}")
