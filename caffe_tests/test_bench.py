@@ -166,15 +166,21 @@ def test_interrupted_run_leaves_nothing(tmp_path):
     proc = subprocess.Popen([str(invoke), "bench", "--net", "caffenet", "--weights", "synthetic",
                              "--repeats", "50", "--images", "1", "--threads", "1"],
                             cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(tmp_path.iterdir()):
         time.sleep(0.2)
     time.sleep(2)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
-    proc.wait(timeout=60)
+    try:
+        # communicate, not wait: the pipes must be drained or a chatty process blocks on them
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"bench did not stop after Ctrl-C; its output:\n{out[-1500:]}\n{err[-3000:]}")
     assert proc.returncode != 0
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [], err[-2000:]
 
 
 def test_pytorch_side_by_side_baseline(tmp_path):
