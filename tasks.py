@@ -12,6 +12,7 @@ from invoke.exceptions import Exit
 
 from sparse_caffe import bench as bench_stage
 from sparse_caffe import build as build_stage
+from sparse_caffe import docker_route
 from sparse_caffe import render as render_stage
 from sparse_caffe import report as report_stage
 from sparse_caffe import run as run_stage
@@ -22,6 +23,8 @@ from sparse_caffe.errors import UserError
 
 SOURCE_HELP = "local Caffe source: Debian's .dsc or orig tarball, GitHub's tarball, or a folder"
 BLAS_HELP = "BLAS to build against: openblas (default) or mkl (mkl-devel from PyPI)"
+DOCKER_BUILD_HELP = ("build the Docker image instead (Ubuntu 18.04; needs a Docker engine whose "
+                     "builds reach the internet)")
 
 
 def user_errors(fn):
@@ -58,11 +61,15 @@ def render(c, check=False, caffe_source=None):
     print("changed: " + ", ".join(changed) if changed else "patches/ already up to date")
 
 
-@task(help={"blas": BLAS_HELP, "caffe_source": SOURCE_HELP, "jobs": "parallel compile jobs"})
+@task(help={"blas": BLAS_HELP, "caffe_source": SOURCE_HELP, "jobs": "parallel compile jobs",
+            "docker": DOCKER_BUILD_HELP})
 @user_errors
-def build(c, blas="openblas", caffe_source=None, jobs=0):
+def build(c, blas="openblas", caffe_source=None, jobs=0, docker=False):
     """Build the patched Caffe, pycaffe and Caffe's own gtests (skipped when already built)."""
     options = BuildOptions(blas=blas, **({"jobs": jobs} if jobs else {}))
+    if docker:
+        print(docker_route.build_image(options, caffe_source).tag)
+        return
     result = build_stage.build(options, caffe_source)
     print(result.root)
 
@@ -152,11 +159,13 @@ def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zer
             "layers": "only convolutions whose name matches this regular expression",
             "transform": "fold (BatchNorm folded, ReLU fused; default) or none",
             "pytorch": "also time each layer in PyTorch's CPU convolution (installs torch 2.13.0 "
-                       "the first time)"})
+                       "the first time)",
+            "docker": "time it in a container of the image ./inv build --docker made (the run is "
+                      "still prepared with the native build)"})
 @user_errors
 def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="openmp",
           blas="openblas", batch=1, threads=0, images=None, repeats=20, warmup=3, layers=None,
-          transform="fold", pytorch=False):
+          transform="fold", pytorch=False, docker=False):
     """Benchmark every convolution of a net on every forward path; write results/<run>/."""
     options = bench_stage.BenchOptions(
         net=net, weights=weights, paths=bench_stage.parse_paths(paths), backend=backend,
@@ -164,8 +173,11 @@ def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="op
         layers=layers, transform=transform, pytorch=pytorch)
     if backend == "mkl" and blas != "mkl":
         raise UserError("--backend mkl needs an MKL build: add --blas mkl")
-    result = build_stage.build(BuildOptions(blas=blas))
-    print(bench_stage.run_benchmark(result, options))
+    # With --docker: the image first (no engine, no image: one line, nothing built); the native
+    # build then only prepares the run, so its BLAS does not matter.
+    image = bench_stage.docker_image(options, BuildOptions(blas=blas)) if docker else None
+    result = build_stage.build(BuildOptions(blas="openblas" if docker else blas))
+    print(bench_stage.run_benchmark(result, options, image=image))
 
 
 @task(help={"run_dir": "a folder written by ./inv bench"})

@@ -3,6 +3,10 @@
 Each run writes a new folder results/<net>-<weights>-<timestamp>/ (results.json, results.csv,
 plots). It is assembled under a hidden temporary name and renamed into place only when complete,
 so a failed or interrupted run leaves nothing behind.
+
+With an image of the Docker route, the run is prepared here (the native pycaffe builds the net,
+its weights and the images) and timed in a container of the image (sparse_caffe.docker_route);
+the rest is the same.
 """
 from __future__ import annotations
 
@@ -17,10 +21,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import nets, render, report
+from . import docker_route, measure, nets, render, report
 from . import run as run_stage
 from .build import Build
-from .config import CAFFE, PROJECT_ROOT, cache_dir, results_dir
+from .config import CAFFE, PROJECT_ROOT, BuildOptions, cache_dir, results_dir
 from .errors import UserError
 
 PATHS = ("dense", "spmdm", "sparse_sparse", "sparse_output")
@@ -96,13 +100,17 @@ def machine_info(threads: int) -> dict:
             "memory_mib": memory, "os": platform.platform(), "machine": platform.machine()}
 
 
-def software_info(build: Build) -> dict:
+def project_info() -> dict:
     def git(*args):
         result = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
         return result.stdout.strip() if result.returncode == 0 else None
-    inputs = build.inputs
     return {"project_commit": git("rev-parse", "HEAD"),
-            "project_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "project_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def software_info(build: Build) -> dict:
+    inputs = build.inputs
+    return {**project_info(),
             "caffe_commit": CAFFE.commit, "caffe_source": inputs["source"],
             "patch_series_sha256": render.series_sha256(), "blas": inputs["blas"],
             "mkl": inputs.get("mkl"), "compiler": f"g++ {inputs['compiler']}",
@@ -125,8 +133,46 @@ def ensure_torch() -> None:
                         f"{(result.stderr.strip().splitlines() or ['pip failed'])[-1]}")
 
 
-def run_benchmark(build: Build, options: BenchOptions) -> Path:
-    if options.backend == "mkl" and build.inputs["blas"] != "mkl":
+def docker_image(options: BenchOptions, build_options: BuildOptions) -> docker_route.Image:
+    """The image a --docker run is timed in (--blas picks it), checked before anything runs."""
+    check_docker(options, build_options.blas)
+    return docker_route.find_image(build_options.blas)
+
+
+def check_docker(options: BenchOptions, blas: str) -> None:
+    """What a containerised run cannot do, refused before anything runs."""
+    if options.pytorch:
+        raise UserError("--pytorch does not work with --docker (the image's Python 3.6 has no "
+                        "PyTorch): run the baseline natively, without --docker")
+    if options.backend == "mkl" and blas != "mkl":
+        raise UserError("--backend mkl needs an MKL image: add --blas mkl")
+
+
+def measure_in_docker(build: Build, image: docker_route.Image, partial: Path,
+                      threads: int) -> dict:
+    """Prepare the run with the native pycaffe, time it in a container of `image`; leaves
+    partial/raw.json as a native run does and returns the software record."""
+    folder = partial / "docker-run"
+    folder.mkdir()
+    result = run_stage.pycaffe(build, "bench_runner", ["--export", str(partial / "spec.json"),
+                                                       str(folder)], threads)
+    run_stage.raise_for(result, "preparing the run for the container",
+                        folder.with_suffix(".error"))
+    docker_route.run_measurement(image, folder, threads)
+    if not (folder / measure.RAW_FILE).is_file():
+        raise UserError(f"the benchmark container exited without writing {measure.RAW_FILE}")
+    (folder / measure.RAW_FILE).rename(partial / "raw.json")
+    shutil.rmtree(folder)
+    environment = json.loads((partial / "raw.json").read_text())["environment"]
+    return {**project_info(), **docker_route.software_info(image, environment)}
+
+
+def run_benchmark(build: Build, options: BenchOptions,
+                  image: docker_route.Image | None = None) -> Path:
+    """Run the benchmark (natively, or timed in a container of `image`) into a new folder."""
+    if image is not None:
+        check_docker(options, image.blas)
+    elif options.backend == "mkl" and build.inputs["blas"] != "mkl":
         raise UserError("--backend mkl needs an MKL build: add --blas mkl")
     if options.pytorch:
         ensure_torch()
@@ -139,9 +185,13 @@ def run_benchmark(build: Build, options: BenchOptions) -> Path:
         spec = {**asdict(options), "images": options.image_source, "cache_dir": str(cache_dir())}
         (partial / "spec.json").write_text(json.dumps(spec))
         # Progress goes straight to the terminal; errors come back as one line.
-        result = run_stage.pycaffe(build, "bench_runner", [str(partial / "spec.json"),
-                                                           str(partial / "raw.json")], threads)
-        run_stage.raise_for(result, "the benchmark process", partial / "raw.error")
+        if image is None:
+            result = run_stage.pycaffe(build, "bench_runner", [str(partial / "spec.json"),
+                                                               str(partial / "raw.json")], threads)
+            run_stage.raise_for(result, "the benchmark process", partial / "raw.error")
+            software = software_info(build)
+        else:
+            software = measure_in_docker(build, image, partial, threads)
         raw = json.loads((partial / "raw.json").read_text())
         layers, net, problems = report.derive(raw, options.batch)
         weights = raw["weights"]
@@ -149,7 +199,7 @@ def run_benchmark(build: Build, options: BenchOptions) -> Path:
             "schema": report.SCHEMA,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine_info": machine_info(threads),
-            "software": {**software_info(build), "sparse_backends": raw["backends_in_build"]},
+            "software": {**software, "sparse_backends": raw["backends_in_build"]},
             "weights": weights,
             "images": raw["images"],
             "params": {**asdict(options), "paths": list(options.paths), "threads": threads,

@@ -3,6 +3,10 @@
 Started by sparse_caffe.bench in a subprocess whose PYTHONPATH names the build and whose
 environment fixes the threads. Everything that needs Caffe happens here; statistics, files and
 plots happen in the parent. For a user mistake: exit 2, the message in <out>.error.
+
+Preparing a run (weights, images, the net as built) happens here; timing it is
+sparse_caffe.measure, which the Docker image runs on its own: with --export, this writes a
+prepared run folder for it instead of measuring.
 """
 from __future__ import annotations
 
@@ -17,14 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from . import images as images_stage
+from . import measure
 from . import nets
 from . import synthetic
 from . import weights as weights_stage
 from .errors import UserError
-
-# A sparse path "agrees" with dense when every output of the layer is within this fraction of the
-# layer's largest dense output: float32 sums of up to ~5000 products, reordered, stay near 1e-6.
-AGREEMENT_TOLERANCE = 1e-4
 
 
 OPEN_NSFW_VERSION = 1  # bump when the conversion or the pruning changes
@@ -132,21 +133,9 @@ def conv_layers(net, pattern: str | None) -> list[str]:
     return names
 
 
-def layer_shapes(net, names: list[str]) -> dict:
-    shapes = {}
-    bottoms = {name: net.bottom_names[name][0] for name in names}
-    for name in names:
-        w = net.params[name][0].data.shape
-        shapes[name] = {"num_output": int(w[0]), "channels_per_group": int(w[1]),
-                        "kernel": [int(w[2]), int(w[3])],
-                        "input": list(net.blobs[bottoms[name]].data.shape[1:]),
-                        "output": list(net.blobs[net.top_names[name][0]].data.shape[1:])}
-    return shapes
-
-
-def run(spec: dict) -> dict:
-    import caffe
-    caffe.set_mode_cpu()
+def prepare(caffe, spec: dict):
+    """Weights, images and the net as the spec asks: (net, its prototxt text, the convolutions
+    to time, the weights' record, the ImageSet)."""
     caffe_source = Path(caffe.__file__).resolve().parents[2]
     weights = resolve_weights(spec, caffe_source)
     source = spec["images"]
@@ -154,91 +143,34 @@ def run(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         net, net_text = build_net(caffe, spec, caffe_source, weights, Path(tmp))
     layers = conv_layers(net, spec["layers"])
-    output_blob = net.outputs[-1]
+    return net, net_text, layers, weights, images
+
+
+def run(spec: dict) -> dict:
+    import caffe
+    caffe.set_mode_cpu()
+    net, net_text, layers, weights, images = prepare(caffe, spec)
     feeds = list(images_stage.batches(images, spec["batch"],
-                                      max(spec["repeats"], -(-images.count // spec["batch"]))))
-    caffe.clear_conv_forward_paths()
-    caffe.set_conv_sparse_backend(spec["backend"])
-
-    def forward(feed):
-        net.blobs["data"].data[...] = feed
-        net.forward()
-
-    reference, predictions, results = {}, {}, {}
-    total_steps = len(spec["paths"]) * (spec["warmup"] + 2 * spec["repeats"])
-    step, started = 0, time.monotonic()
-    for index, path in enumerate(spec["paths"]):
-        caffe.clear_conv_forward_paths()
-        caffe.set_conv_sparse_backend(spec["backend"])
-        for name in layers:
-            caffe.set_conv_forward_path(path, name)
-        times, phases, counters = [], {name: {} for name in layers}, {name: None for name in layers}
-
-        def progress(what, i):
-            nonlocal step
-            step += 1
-            elapsed = time.monotonic() - started
-            eta = elapsed / step * (total_steps - step)
-            if i == 0 or step % 10 == 0:
-                say(f"[{index + 1}/{len(spec['paths'])} {path}] {what} {i + 1}; "
-                    f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
-
-        for i in range(spec["warmup"]):  # warm-up: weight CSRs, caches, thread pools
-            forward(feeds[i % len(feeds)])
-            progress("warm-up", i)
-        for i in range(spec["repeats"]):  # profiled: per-layer phases
-            caffe.reset_conv_profile()
-            caffe.set_conv_profiling(True)
-            forward(feeds[i % len(feeds)])
-            caffe.set_conv_profiling(False)
-            profile = caffe.conv_profile()
-            for name in layers:
-                p = profile[name]
-                for phase, seconds in p["seconds"].items():
-                    phases[name].setdefault(phase, []).append(seconds * 1e3)
-                totals = counters[name] or dict.fromkeys(
-                    ("calls", "input_elements", "input_nonzeros", "dense_macs", "useful_macs",
-                     "inputs_handed_over"), 0)
-                for key in totals:
-                    totals[key] += p[key]
-                totals.update(weight_nonzeros=p["weight_nonzeros"],
-                              weight_elements=p["weight_elements"], path=p["path"],
-                              backend=p["backend"])
-                counters[name] = totals
-            progress("profiled forward", i)
-        for i in range(spec["repeats"]):  # unprofiled: whole-net time
-            net.blobs["data"].data[...] = feeds[i % len(feeds)]
-            start = time.perf_counter()
-            net.forward()
-            times.append((time.perf_counter() - start) * 1e3)
-            progress("timed forward", i)
-        # Correctness against dense on the first batch, and top-1 over every image.
-        forward(feeds[0])
-        outputs = {name: net.blobs[net.top_names[name][0]].data.copy() for name in layers}
-        if path == spec["paths"][0]:
-            reference = outputs
-            dense_inputs = {name: net.blobs[net.bottom_names[name][0]].data.copy() for name in layers}
-        differences = {name: float(np.abs(outputs[name] - reference[name]).max() /
-                                   max(float(np.abs(reference[name]).max()), 1e-30))
-                       for name in layers}
-        top1 = []
-        for feed in feeds[:-(-images.count // spec["batch"])]:
-            forward(feed)
-            top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(spec["batch"], -1).argmax(1))
-        predictions[path] = top1
-        results[path] = {"net_times_ms": times, "phases_ms": phases, "counters": counters,
-                         "max_rel_diff": differences}
-    caffe.clear_conv_forward_paths()
-    pytorch = (torch_baseline(caffe, net, net_text, layers, dense_inputs, reference, spec)
+                                      measure.feed_count(spec, images.count)))
+    measured = measure.measure(caffe, net, layers, feeds, images.count, spec)
+    pytorch = (torch_baseline(caffe, net, net_text, layers, measured["dense_inputs"],
+                              measured["reference"], spec)
                if spec.get("pytorch") else None)
-    baseline = predictions[spec["paths"][0]]
-    for path in spec["paths"]:
-        same = sum(a == b for a, b in zip(predictions[path], baseline))
-        results[path]["top1_agreement"] = same / len(baseline)
-    return {"weights": weights, "images": images.describe(), "layers": layers, "pytorch": pytorch,
-            "shapes": layer_shapes(net, layers), "paths": results,
-            "agreement_tolerance": AGREEMENT_TOLERANCE,
-            "backends_in_build": list(caffe.conv_sparse_backends())}
+    return measure.raw_result(caffe, net, layers, measured, weights, images.describe(), pytorch)
+
+
+def export(spec: dict, folder: Path) -> None:
+    """A prepared run folder for sparse_caffe.measure in the Docker image: the net as built here
+    (BatchNorm folded, ReLUs fused, as for a native run), its weights, the preprocessed images,
+    and the spec with the layers to time and the weights' and images' records."""
+    import caffe
+    caffe.set_mode_cpu()
+    net, net_text, layers, weights, images = prepare(caffe, spec)
+    (folder / measure.DEPLOY_FILE).write_text(net_text)
+    net.save(str(folder / measure.WEIGHTS_FILE))
+    np.save(folder / measure.IMAGES_FILE, np.ascontiguousarray(images.data, dtype=np.float32))
+    (folder / measure.SPEC_FILE).write_text(json.dumps(
+        {**spec, "layer_names": layers, "weights_info": weights, "images_info": images.describe()}))
 
 
 def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, outputs: dict,
@@ -290,9 +222,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec", help="JSON file with the benchmark spec")
     parser.add_argument("out", help="where to write the raw measurements (JSON)")
+    parser.add_argument("--export", action="store_true",
+                        help="write a prepared run folder at `out` (for the Docker image) instead")
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())
     try:
+        if args.export:
+            export(spec, Path(args.out))
+            return 0
         raw = run(spec)
     except UserError as exc:
         # stderr is the user's terminal (progress); the parent reads the error from this file.

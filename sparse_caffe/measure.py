@@ -1,0 +1,227 @@
+"""The measurement core: every forward path of a loaded net, timed layer by layer and whole.
+
+It runs in two places, so it stays small and runs on Python 3.6:
+  - inside pycaffe on the host, called by sparse_caffe.bench_runner (the native route);
+  - inside the Docker image, whose Python is Ubuntu 18.04's 3.6, as
+    `python3 -m sparse_caffe.measure RUN_DIR`: RUN_DIR is a folder that `./inv bench --docker`
+    prepared on the host (bench_runner.export: the net as built, its weights, the preprocessed
+    images, the spec), mounted into the container; the raw measurements go to RUN_DIR/raw.json,
+    a user's mistake to RUN_DIR/raw.error (exit 2), and the host derives the results from them
+    exactly as for a native run.
+So: no `from __future__ import annotations`, no dataclasses, no walrus, no f-string `=`, nothing
+newer than 3.6 from the standard library (tests/test_docker.py checks this with vermin), and only
+numpy calls that Ubuntu 18.04's numpy 1.13 has. Imports only the standard library, numpy, pycaffe
+(passed in) and sparse_caffe.errors.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .errors import UserError
+
+# A sparse path "agrees" with dense when every output of the layer is within this fraction of the
+# layer's largest dense output: float32 sums of up to ~5000 products, reordered, stay near 1e-6.
+AGREEMENT_TOLERANCE = 1e-4
+
+# A prepared run folder (bench_runner.export writes the first four; main writes the last two).
+SPEC_FILE = "spec.json"
+DEPLOY_FILE = "deploy.prototxt"
+WEIGHTS_FILE = "weights.caffemodel"
+IMAGES_FILE = "images.npy"
+RAW_FILE = "raw.json"
+ERROR_FILE = "raw.error"
+
+COUNTER_KEYS = ("calls", "input_elements", "input_nonzeros", "dense_macs", "useful_macs",
+                "inputs_handed_over")
+
+
+def say(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def feed_count(spec, image_count):
+    """How many batches a run feeds: one per measured forward, and every image at least once."""
+    return max(spec["repeats"], -(-image_count // spec["batch"]))
+
+
+def batches(data, batch, count):
+    """`count` arrays of exactly `batch` images of `data` (N, ...), cycling through it: the same
+    batches as sparse_caffe.images.batches."""
+    total = len(data)
+    return [data[[(index * batch + i) % total for i in range(batch)]] for index in range(count)]
+
+
+def layer_shapes(net, names):
+    shapes = {}
+    bottoms = {name: net.bottom_names[name][0] for name in names}
+    for name in names:
+        w = net.params[name][0].data.shape
+        shapes[name] = {"num_output": int(w[0]), "channels_per_group": int(w[1]),
+                        "kernel": [int(w[2]), int(w[3])],
+                        "input": list(net.blobs[bottoms[name]].data.shape[1:]),
+                        "output": list(net.blobs[net.top_names[name][0]].data.shape[1:])}
+    return shapes
+
+
+def measure(caffe, net, layers, feeds, image_count, spec):
+    """Run spec["paths"] (dense first) over the convolution `layers` of `net`, fed `feeds`.
+
+    Per path: spec["warmup"] unmeasured forwards, spec["repeats"] profiled ones (per-layer phase
+    times and counters), spec["repeats"] unprofiled ones (whole-net wall clock), then each layer's
+    output on the first batch against dense's and top-1 over the first ceil(image_count / batch)
+    batches. Returns {"paths": {path: results}, "reference": dense outputs, "dense_inputs": dense
+    inputs} (the last two per layer, for a side-by-side baseline)."""
+    batch, paths = spec["batch"], spec["paths"]
+    output_blob = net.outputs[-1]
+    caffe.clear_conv_forward_paths()
+    caffe.set_conv_sparse_backend(spec["backend"])
+
+    def forward(feed):
+        net.blobs["data"].data[...] = feed
+        net.forward()
+
+    reference, dense_inputs, predictions, results = {}, {}, {}, {}
+    total_steps = len(paths) * (spec["warmup"] + 2 * spec["repeats"])
+    step, started = 0, time.monotonic()
+    for index, path in enumerate(paths):
+        caffe.clear_conv_forward_paths()
+        caffe.set_conv_sparse_backend(spec["backend"])
+        for name in layers:
+            caffe.set_conv_forward_path(path, name)
+        times, phases, counters = [], {name: {} for name in layers}, {name: None for name in layers}
+
+        def progress(what, i):
+            nonlocal step
+            step += 1
+            elapsed = time.monotonic() - started
+            eta = elapsed / step * (total_steps - step)
+            if i == 0 or step % 10 == 0:
+                say(f"[{index + 1}/{len(paths)} {path}] {what} {i + 1}; "
+                    f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
+
+        for i in range(spec["warmup"]):  # warm-up: weight CSRs, caches, thread pools
+            forward(feeds[i % len(feeds)])
+            progress("warm-up", i)
+        for i in range(spec["repeats"]):  # profiled: per-layer phases
+            caffe.reset_conv_profile()
+            caffe.set_conv_profiling(True)
+            forward(feeds[i % len(feeds)])
+            caffe.set_conv_profiling(False)
+            profile = caffe.conv_profile()
+            for name in layers:
+                p = profile[name]
+                for phase, seconds in p["seconds"].items():
+                    phases[name].setdefault(phase, []).append(seconds * 1e3)
+                totals = counters[name] or dict.fromkeys(COUNTER_KEYS, 0)
+                for key in totals:
+                    totals[key] += p[key]
+                totals.update(weight_nonzeros=p["weight_nonzeros"],
+                              weight_elements=p["weight_elements"], path=p["path"],
+                              backend=p["backend"])
+                counters[name] = totals
+            progress("profiled forward", i)
+        for i in range(spec["repeats"]):  # unprofiled: whole-net time
+            net.blobs["data"].data[...] = feeds[i % len(feeds)]
+            start = time.perf_counter()
+            net.forward()
+            times.append((time.perf_counter() - start) * 1e3)
+            progress("timed forward", i)
+        # Correctness against dense on the first batch, and top-1 over every image.
+        forward(feeds[0])
+        outputs = {name: net.blobs[net.top_names[name][0]].data.copy() for name in layers}
+        if path == paths[0]:
+            reference = outputs
+            dense_inputs = {name: net.blobs[net.bottom_names[name][0]].data.copy()
+                            for name in layers}
+        differences = {name: float(np.abs(outputs[name] - reference[name]).max() /
+                                   max(float(np.abs(reference[name]).max()), 1e-30))
+                       for name in layers}
+        top1 = []
+        for feed in feeds[:-(-image_count // batch)]:
+            forward(feed)
+            top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(batch, -1).argmax(1))
+        predictions[path] = top1
+        results[path] = {"net_times_ms": times, "phases_ms": phases, "counters": counters,
+                         "max_rel_diff": differences}
+    caffe.clear_conv_forward_paths()
+    baseline = predictions[paths[0]]
+    for path in paths:
+        same = sum(a == b for a, b in zip(predictions[path], baseline))
+        results[path]["top1_agreement"] = same / len(baseline)
+    return {"paths": results, "reference": reference, "dense_inputs": dense_inputs}
+
+
+def raw_result(caffe, net, layers, measured, weights, images, pytorch):
+    """The raw measurements as the host reads them (raw.json): the same from both routes."""
+    return {"weights": weights, "images": images, "layers": layers, "pytorch": pytorch,
+            "shapes": layer_shapes(net, layers), "paths": measured["paths"],
+            "agreement_tolerance": AGREEMENT_TOLERANCE,
+            "backends_in_build": list(caffe.conv_sparse_backends())}
+
+
+def environment():
+    """The software this process measures with: Python, numpy, protobuf, the C++ compiler."""
+    import google.protobuf
+    try:
+        compiler = subprocess.check_output(["g++", "-dumpfullversion"],
+                                           universal_newlines=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        compiler = "unknown"
+    return {"executable": sys.executable, "version": sys.version.split()[0],
+            "numpy": np.__version__, "protobuf": google.protobuf.__version__,
+            "compiler": compiler}
+
+
+def run_folder(folder, image_info=None):
+    """Measure a prepared run folder (see the module doc); returns the raw measurements, with the
+    environment (and the image's own record, `image_info`, a JSON file) under "environment"."""
+    import caffe
+    caffe.set_mode_cpu()
+    with open(os.path.join(folder, SPEC_FILE)) as f:
+        spec = json.load(f)
+    net = caffe.Net(os.path.join(folder, DEPLOY_FILE), os.path.join(folder, WEIGHTS_FILE),
+                    caffe.TEST)
+    convolutions = [name for name, layer in zip(net._layer_names, net.layers)
+                    if layer.type == "Convolution"]
+    layers = spec["layer_names"]
+    unknown = [name for name in layers if name not in convolutions]
+    if unknown or not layers:
+        raise UserError("the prepared net has no convolution layer {}; prepare the run again "
+                        "with ./inv bench --docker".format(", ".join(unknown) or "(none given)"))
+    data = np.load(os.path.join(folder, IMAGES_FILE))
+    feeds = batches(data, spec["batch"], feed_count(spec, len(data)))
+    measured = measure(caffe, net, layers, feeds, len(data), spec)
+    raw = raw_result(caffe, net, layers, measured, spec["weights_info"], spec["images_info"], None)
+    raw["environment"] = environment()
+    if image_info:
+        with open(image_info) as f:
+            raw["environment"]["image"] = json.load(f)
+    return raw
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a run folder prepared by ./inv bench --docker")
+    parser.add_argument("--image-info", help="the image's own record (JSON), added to the output")
+    args = parser.parse_args(argv)
+    try:
+        raw = run_folder(args.folder, args.image_info)
+    except UserError as exc:
+        # stderr is the user's terminal (progress); the host reads the error from this file.
+        with open(os.path.join(args.folder, ERROR_FILE), "w") as f:
+            f.write(str(exc))
+        return 2
+    partial = os.path.join(args.folder, "." + RAW_FILE + ".partial")
+    with open(partial, "w") as f:
+        json.dump(raw, f)
+    os.rename(partial, os.path.join(args.folder, RAW_FILE))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""The Docker route without a Docker engine: the Dockerfile lints clean, what runs in the image is
+Python 3.6 code, the build context holds exactly what the Dockerfile copies, the image's own
+source checks compute the package's hashes, and with no engine both commands say so in one line.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from docker.utils.build import match_tag
+
+from sparse_caffe import docker_route, images, measure, render
+from sparse_caffe.build import GTEST_SUITES, MKL_REQUIREMENT
+from sparse_caffe.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, CaffePin
+from sparse_caffe.errors import UserError
+from sparse_caffe.source import tree_sha256
+
+from .conftest import UPSTREAM, make_tarball, make_tree
+from .test_cli import assert_one_error_line
+
+DOCKERFILE = PROJECT_ROOT / "docker" / "Dockerfile"
+PREPARE = PROJECT_ROOT / "docker" / "prepare_caffe.py"
+BIN = Path(sys.executable).parent
+
+
+def load_prepare():
+    """docker/prepare_caffe.py as a module (it is a script inside the image)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prepare_caffe", PREPARE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), re.M))
+
+
+def copy_sources() -> list[str]:
+    """The sources of every COPY in the Dockerfile (continuation lines joined)."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    sources = []
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            words = [w for w in line.split()[1:] if not w.startswith("--")]
+            sources += words[:-1]
+    return sources
+
+
+def context_files() -> dict[str, int]:
+    with tarfile.open(fileobj=docker_route.build_context()) as tar:
+        return {m.name: m.size for m in tar.getmembers() if m.isfile()}
+
+
+# ----------------------------------------------------------------------------- the Dockerfile
+
+def test_dockerfile_lints_clean():
+    result = subprocess.run([str(BIN / "hadolint"), "--no-color", "--failure-threshold", "style",
+                             str(DOCKERFILE)], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_every_ignored_hadolint_rule_says_why():
+    """Each `# hadolint ignore=` stands right under a comment giving the reason, and ignores only
+    what hadolint reports there once the pragmas are disabled."""
+    lines = DOCKERFILE.read_text().splitlines()
+    ignored = set()
+    for index, line in enumerate(lines):
+        if line.startswith("# hadolint ignore="):
+            assert index > 0 and lines[index - 1].startswith("# ") and \
+                "hadolint" not in lines[index - 1], f"no reason above line {index + 1}"
+            ignored |= set(line.split("=", 1)[1].split(","))
+    result = subprocess.run([str(BIN / "hadolint"), "--no-color", "--disable-ignore-pragma",
+                             "--no-fail", "--format", "gnu", str(DOCKERFILE)],
+                            capture_output=True, text=True)
+    reported = set(re.findall(r"\b(DL\d{4}|SC\d{4})\b", result.stdout))
+    assert reported == ignored, result.stdout
+
+
+def test_dockerfile_pins_are_the_projects():
+    args = dockerfile_args()
+    assert args["UBUNTU_TAG"] == "18.04"
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", args["UBUNTU_DIGEST"])
+    assert re.search(r"^FROM ubuntu:\$\{UBUNTU_TAG\}@\$\{UBUNTU_DIGEST\}$", DOCKERFILE.read_text(), re.M)
+    assert args["CAFFE_COMMIT"] == CAFFE.commit
+    assert args["CAFFE_TREE_SHA256"] == CAFFE.tree_sha256
+    assert args["MKL_VERSION"] == MKL_REQUIREMENT.split("==")[1]
+    assert args["GTEST_SUITES"] == ",".join(GTEST_SUITES)
+    sent = docker_route.build_args(BuildOptions(jobs=3))
+    assert set(sent) <= set(args), "a build argument the Dockerfile does not declare"
+    assert {k: v for k, v in sent.items() if k != "JOBS"} == {k: args[k] for k in sent if k != "JOBS"}
+
+
+def test_image_tag_names_the_patch_series():
+    tag = docker_route.image_tag()
+    assert tag == f"sparse-caffe:{render.series_sha256()[:12]}" and match_tag(tag)
+    assert docker_route.image_tag("mkl") == tag + "-mkl" and match_tag(tag + "-mkl")
+
+
+# ----------------------------------------------------------------------------- the build context
+
+def test_build_context_is_what_the_dockerfile_copies():
+    files = context_files()
+    series = [p.relative_to(PROJECT_ROOT).as_posix() for p in render.series_files()]
+    expected = {".dockerignore", "docker/Dockerfile", "docker/prepare_caffe.py", "patches/series",
+                *series, "sparse_caffe/__init__.py", "sparse_caffe/errors.py",
+                "sparse_caffe/measure.py"}
+    assert set(files) == expected
+    sources = copy_sources()
+    for source in sources:  # everything the Dockerfile copies is there ...
+        assert any(name == source or name.startswith(source.rstrip("/") + "/") for name in files), source
+    for name in set(files) - {".dockerignore", "docker/Dockerfile"}:  # ... and nothing else
+        assert any(name == s or name.startswith(s.rstrip("/") + "/") for s in sources), name
+
+
+def test_build_context_is_small_and_holds_no_build_or_results():
+    files = context_files()
+    assert sum(files.values()) < 200_000, sum(files.values())
+    for name in files:
+        assert not name.startswith((".git", ".venv", "results", "build", "templates", "tests"))
+        assert "__pycache__" not in name and not name.endswith((".so", ".png", ".caffemodel"))
+
+
+# ----------------------------------------------------------------------------- Python 3.6 in the image
+
+def image_python_files() -> list[Path]:
+    return sorted(PROJECT_ROOT / name for name in context_files() if name.endswith(".py"))
+
+
+def vermin(*paths) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "vermin"), "--no-config-file", "--no-tips",
+                           "--eval-annotations", "--violations", "-t=3.6-", *map(str, paths)],
+                          capture_output=True, text=True)
+
+
+def test_code_that_runs_in_the_image_is_python_3_6():
+    files = image_python_files()
+    assert PREPARE in files and PROJECT_ROOT / "sparse_caffe" / "measure.py" in files
+    result = vermin(*files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Minimum required versions: 3." in result.stdout
+
+
+def test_the_3_6_check_catches_newer_python(tmp_path):
+    """The check above is not vacuous: 3.7+ syntax and library calls fail it."""
+    for code in ("from __future__ import annotations\n",
+                 "from dataclasses import dataclass\n",
+                 "if (n := 3):\n    pass\n",
+                 "x = 1\nprint(f'{x=}')\n",
+                 "import subprocess\nsubprocess.run(['true'], capture_output=True)\n"):
+        sample = tmp_path / "sample.py"
+        sample.write_text(code)
+        assert vermin(sample).returncode != 0, code
+
+
+def test_code_in_the_image_imports_only_what_the_image_has():
+    """Standard library, numpy, pycaffe, protobuf, and modules that are in the context."""
+    allowed = set(sys.stdlib_module_names) | {"numpy", "caffe", "google"}
+    shipped = {Path(p).stem for p in context_files() if p.startswith("sparse_caffe/")}
+    for path in image_python_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] in allowed, (path.name, alias.name)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert (node.module or "").split(".")[0] in shipped, (path.name, node.module)
+                else:
+                    assert node.module.split(".")[0] in allowed, (path.name, node.module)
+
+
+def test_measure_runs_without_caffe_until_it_needs_it():
+    result = subprocess.run([sys.executable, "-m", "sparse_caffe.measure", "--help"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "prepared by ./inv bench --docker" in result.stdout
+
+
+@pytest.mark.parametrize("count, batch, feeds", [(6, 1, 20), (6, 4, 3), (5, 2, 7), (1, 3, 2)])
+def test_measure_feeds_the_batches_the_host_would(count, batch, feeds):
+    data = np.arange(count * 2 * 3, dtype=np.float32).reshape(count, 2, 3)
+    image_set = images.ImageSet(net="caffenet", names=tuple(map(str, range(count))),
+                                sources=tuple(map(str, range(count))), sha256="", data=data)
+    ours = measure.batches(data, batch, feeds)
+    theirs = list(images.batches(image_set, batch, feeds))
+    assert len(ours) == len(theirs) == feeds
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+    spec = {"repeats": feeds, "batch": batch}
+    assert measure.feed_count(spec, count) == max(feeds, -(-count // batch))
+
+
+# ----------------------------------------------------------------------------- the image's source checks
+
+def test_prepare_caffe_hashes_like_the_package(tmp_path):
+    prepare = load_prepare()
+    tree = make_tree(tmp_path / "t" / "caffe-top", {**UPSTREAM, "nested/.git/config": "kept\n"})
+    (tree / "tool.sh").write_text("#!/bin/sh\n")
+    (tree / "tool.sh").chmod(0o755)
+    (tree / "link-to-file").symlink_to("README.md")
+    (tree / "link-to-dir").symlink_to("src")
+    (tmp_path / "t" / ".git").mkdir()  # a top-level .git is looked past, as in source.py
+    assert prepare.tree_sha256(str(tmp_path / "t")) == tree_sha256(tmp_path / "t")
+    assert prepare.tree_sha256(str(tree)) == tree_sha256(tree)
+    (tree / "tool.sh").chmod(0o644)  # the kind enters the hash
+    assert prepare.tree_sha256(str(tree)) == tree_sha256(tree)
+    assert prepare.series_sha256(str(PATCHES_DIR)) == render.series_sha256()
+
+
+def small_series(folder: Path, upstream: Path) -> Path:
+    """A one-patch series for the synthetic upstream, made with diff(1) as render makes them."""
+    folder.mkdir()
+    new = upstream.parent / "new-io.cpp"
+    new.write_text(UPSTREAM["src/caffe/util/io.cpp"].replace("return 1;", "return 2;"))
+    diff = subprocess.run(["diff", "-u", "--label", "a/src/caffe/util/io.cpp", "--label",
+                           "b/src/caffe/util/io.cpp", str(upstream / "src/caffe/util/io.cpp"),
+                           str(new)], capture_output=True, text=True).stdout
+    (folder / "0001-two.patch").write_text(diff)
+    (folder / "series").write_text("0001-two.patch\n")
+    return folder
+
+
+def run_prepare(tmp_path, tarball, pin_hash, patches):
+    return subprocess.run([sys.executable, str(PREPARE), "--tarball", str(tarball),
+                           "--dest", str(tmp_path / "caffe"), "--commit", CAFFE.commit,
+                           "--tree-sha256", pin_hash, "--patches", str(patches),
+                           "--info", str(tmp_path / "image.json"), "--base-image", "ubuntu:18.04@x"],
+                          capture_output=True, text=True)
+
+
+def test_prepare_caffe_verifies_patches_and_records(tmp_path, upstream):
+    import json
+    patches = small_series(tmp_path / "patches", upstream)
+    tarball = make_tarball(tmp_path / "caffe.tar.gz", UPSTREAM, top="caffe-" + CAFFE.commit)
+    pin = CaffePin(tree_sha256=tree_sha256(upstream))
+    done = run_prepare(tmp_path, tarball, pin.tree_sha256, patches)
+    assert done.returncode == 0, done.stderr
+    assert "return 2;" in (tmp_path / "caffe" / "src/caffe/util/io.cpp").read_text()
+    native = make_tree(tmp_path / "native", UPSTREAM)
+    render.apply_series(native, patches)  # what the native build does
+    assert tree_sha256(native) == tree_sha256(tmp_path / "caffe")
+    record = json.loads((tmp_path / "image.json").read_text())
+    assert record["caffe_tree_sha256"] == pin.tree_sha256
+    assert record["patch_series_sha256"] == render.series_sha256(patches)
+    assert record["patches"] == ["0001-two.patch"] and record["blas"] == "openblas"
+
+
+@pytest.mark.parametrize("problem", ["wrong tree", "patch does not apply"])
+def test_prepare_caffe_stops_with_one_error_line(tmp_path, upstream, problem):
+    patches = small_series(tmp_path / "patches", upstream)
+    tarball = make_tarball(tmp_path / "caffe.tar.gz", UPSTREAM, top="caffe-x")
+    pin_hash = tree_sha256(upstream)
+    if problem == "wrong tree":
+        pin_hash = "0" * 64
+    else:
+        text = (patches / "0001-two.patch").read_text().replace("return 1;", "return 7;")
+        (patches / "0001-two.patch").write_text(text)
+    done = run_prepare(tmp_path, tarball, pin_hash, patches)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert ("does not match the pinned commit" if problem == "wrong tree"
+            else "0001-two.patch does not apply") in errors[0]
+    assert not (tmp_path / "image.json").exists()
+
+
+# ----------------------------------------------------------------------------- no engine, failed builds
+
+def inv_without_engine(*args, tmp_path):
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock",
+           "SPARSE_CAFFE_CACHE": str(tmp_path / "cache"),
+           "SPARSE_CAFFE_RESULTS": str(tmp_path / "results")}
+    return subprocess.run([str(BIN / "invoke"), *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_build_docker_without_an_engine_is_one_line(tmp_path):
+    result = inv_without_engine("build", "--docker", tmp_path=tmp_path)
+    assert_one_error_line(result, "Docker engine", "./inv build")
+    assert not (tmp_path / "cache" / "builds").exists()
+
+
+def test_bench_docker_without_an_engine_is_one_line_and_leaves_nothing(tmp_path):
+    result = inv_without_engine("bench", "--net", "caffenet", "--docker", tmp_path=tmp_path)
+    assert_one_error_line(result, "Docker engine", "./inv build")
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+    assert not (tmp_path / "cache" / "builds").exists()
+
+
+def test_a_build_without_network_says_so():
+    log = ["Step 2/20 : RUN apt-get update",
+           "Err:1 http://archive.ubuntu.com/ubuntu bionic InRelease",
+           "  Temporary failure resolving 'archive.ubuntu.com'",
+           "E: Unable to locate package cmake",
+           "engine error: The command '/bin/bash -o pipefail -c apt-get update' returned a "
+           "non-zero code: 100"]
+    message = docker_route.build_failure(log, Path("/cache/logs/docker-build.log"))
+    assert "no network" in message and "./inv build" in message and "\n" not in message
+
+
+def test_a_failed_build_step_is_named_in_one_line():
+    log = ["Step 9/20 : RUN curl -fsSL --retry 3 -o /tmp/caffe.tar.gz https://example/x.tar.gz",
+           "error: the Caffe tarball does not match the pinned commit 99bd99795dcd: tree hash ...",
+           "engine error: The command '/bin/bash -o pipefail -c curl ...' returned a non-zero "
+           "code: 1"]
+    message = docker_route.build_failure(log, Path("/l.log"))
+    assert message.startswith("the image build failed at Step 9/20 : RUN curl")
+    assert "does not match the pinned commit" in message and "/l.log" in message
+    log = ["Step 11/20 : RUN cmake .. -DCPU_ONLY=ON", "make: *** [all] Error 2",
+           "engine error: The command '/bin/bash -o pipefail -c cmake ..' returned a non-zero "
+           "code: 2"]
+    message = docker_route.build_failure(log, Path("/l.log"))
+    assert "at Step 11/20 : RUN cmake" in message and "exited with status 2" in message
+
+
+# ----------------------------------------------------------------------------- the SDK calls, on a stand-in engine
+
+class StandInEngine:
+    """Answers the few Docker SDK calls docker_route makes, as the Engine API shapes them."""
+
+    def __init__(self, build_stream=(), exit_status=0):
+        self.build_stream, self.exit_status = list(build_stream), exit_status
+        self.build_kwargs, self.create_kwargs, self.removed = None, None, False
+        self.api, self.images, self.containers = self, self, self
+
+    def build(self, **kwargs):
+        self.build_kwargs = kwargs
+        yield from self.build_stream
+
+    def get(self, tag):
+        return type("FoundImage", (), {"id": "sha256:" + "1" * 64, "attrs": {"RepoDigests": []}})()
+
+    def create(self, image, command, **kwargs):
+        self.create_kwargs = {"image": image, "command": command, **kwargs}
+        engine = self
+
+        class Container:
+            def start(self):
+                pass
+
+            def logs(self, stream, follow):
+                return iter([b"[1/2 dense] profiled forward 1\n"])
+
+            def wait(self):
+                return {"StatusCode": engine.exit_status}
+
+            def remove(self, force):
+                engine.removed = force
+        return Container()
+
+
+BUILD_STREAM = [
+    {"status": "Pulling from library/ubuntu", "id": "18.04"},
+    {"status": "Downloading", "progressDetail": {"current": 1, "total": 2}, "id": "7c457f213c76"},
+    {"stream": "Step 1/30 : ARG UBUNTU_TAG=18.04\n"},
+    {"stream": " ---> Running in 0123456789ab\n"},
+    {"aux": {"ID": "sha256:" + "1" * 64}},
+    {"stream": "Successfully tagged sparse-caffe:x\n"},
+]
+
+
+def test_build_streams_the_log_and_sends_the_context(tmp_path, monkeypatch, capsys):
+    engine = StandInEngine(BUILD_STREAM)
+    monkeypatch.setattr(docker_route, "client", lambda: engine)
+    monkeypatch.setenv("SPARSE_CAFFE_CACHE", str(tmp_path))
+    options = BuildOptions(jobs=2)
+    image = docker_route.build_image(options)
+    assert image.tag == docker_route.image_tag() and image.id == "sha256:" + "1" * 64
+    sent = engine.build_kwargs
+    assert sent["custom_context"] and sent["dockerfile"] == "docker/Dockerfile"
+    assert sent["tag"] == image.tag and sent["buildargs"] == docker_route.build_args(options)
+    with tarfile.open(fileobj=sent["fileobj"]) as tar:
+        assert {m.name for m in tar.getmembers() if m.isfile()} == set(context_files())
+    err = capsys.readouterr().err
+    assert "    Step 1/30 : ARG UBUNTU_TAG=18.04" in err and "18.04 Pulling from library/ubuntu" in err
+    assert "Downloading" not in err and not any(ln.startswith("error:") for ln in err.splitlines())
+    log = next((tmp_path / "logs").glob("docker-build-*.log")).read_text()
+    assert "Successfully tagged" in log
+
+
+def test_a_failed_build_is_one_line_naming_its_step(tmp_path, monkeypatch):
+    stream = BUILD_STREAM[2:4] + [
+        {"stream": "Step 9/30 : RUN curl -fsSL --retry 3 -o /tmp/caffe.tar.gz ...\n"},
+        {"stream": "curl: (6) Could not resolve host: github.com\n"},
+        {"error": "The command '/bin/bash -o pipefail -c curl ...' returned a non-zero code: 6",
+         "errorDetail": {"code": 6}}]
+    monkeypatch.setattr(docker_route, "client", lambda: StandInEngine(stream))
+    monkeypatch.setenv("SPARSE_CAFFE_CACHE", str(tmp_path))
+    with pytest.raises(UserError) as raised:
+        docker_route.build_image(BuildOptions(jobs=2))
+    assert "no network" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_container_run_mounts_the_folder_as_this_user(tmp_path, monkeypatch, capsys):
+    engine = StandInEngine()
+    monkeypatch.setattr(docker_route, "client", lambda: engine)
+    image = docker_route.Image(tag="sparse-caffe:x", id="sha256:" + "1" * 64, repo_digests=(),
+                               blas="openblas")
+    docker_route.run_measurement(image, tmp_path, threads=3)
+    made = engine.create_kwargs
+    assert made["image"] == image.id and made["command"][:3] == ["python3", "-m", "sparse_caffe.measure"]
+    assert made["volumes"] == {str(tmp_path.resolve()): {"bind": "/workspace/run", "mode": "rw"}}
+    assert made["user"] == f"{os.getuid()}:{os.getgid()}"
+    assert made["environment"]["OMP_NUM_THREADS"] == "3" and engine.removed
+    assert "profiled forward 1" in capsys.readouterr().err
+
+
+def test_a_container_that_fails_gives_its_own_error_line(tmp_path, monkeypatch):
+    engine = StandInEngine(exit_status=2)
+    monkeypatch.setattr(docker_route, "client", lambda: engine)
+    (tmp_path / measure.ERROR_FILE).write_text("the prepared net has no convolution layer conv9\n")
+    image = docker_route.Image(tag="t:x", id="sha256:1", repo_digests=(), blas="openblas")
+    with pytest.raises(UserError, match="^the prepared net has no convolution layer conv9$"):
+        docker_route.run_measurement(image, tmp_path, threads=1)
+    assert engine.removed
+    (tmp_path / measure.ERROR_FILE).unlink()
+    with pytest.raises(UserError, match=r"container failed \(exit 2\)"):
+        docker_route.run_measurement(image, tmp_path, threads=1)
