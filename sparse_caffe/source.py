@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .config import CAFFE, CaffePin, cache_dir
 from .errors import UserError
+from .files import file_sha256
 from .shell import run_logged, say
 
 APT_SOURCES_FILES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
@@ -79,14 +80,6 @@ def content_root(root: Path) -> Path:
     if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
         return entries[0]
     return root
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ensure_source(caffe_source: str | None = None, *, debian_patches: bool = True,

@@ -62,18 +62,16 @@ version and Caffe build give the same bytes (the calibration runs Caffe's own fo
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping, Union
+from typing import Callable, Mapping, Union
 
 import numpy as np
 
@@ -81,7 +79,7 @@ from . import nets
 from .config import cache_dir
 from .errors import UserError
 from .images import ImageSet, load_images
-from .weights import file_sha256
+from .files import file_sha256, folder_lock
 
 # Bump when anything that changes the bytes of a synthetic model changes (initialisation, pruning,
 # calibration, the tables): it is part of the cache file's name.
@@ -462,7 +460,7 @@ def synthetic_model(net_name: str, cache_root: Path | None = None, *, seed: int 
             f"images{images.sha256[:10]}-v{CODE_VERSION}")
     folder = synthetic_dir(cache_dir() if cache_root is None else cache_root).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder):
+    with folder_lock(folder):
         found = _cached(folder, stem)
         if found is not None:
             return found
@@ -601,17 +599,6 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One builder per cache folder at a time (another process may be building the same file)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def measured_sparsity(net) -> dict[str, float]:

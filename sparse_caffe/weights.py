@@ -19,7 +19,6 @@ into place.
 from __future__ import annotations
 
 import bz2
-import fcntl
 import hashlib
 import http.client
 import json
@@ -28,12 +27,12 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from .errors import UserError
+from .files import file_sha256, folder_lock
 
 SKIMCAFFE_COMMIT = "2f66b5a95329a478db3097849f2a6a74d74bb5eb"
 RAW_BASE_URL = f"https://raw.githubusercontent.com/IntelLabs/SkimCaffe/{SKIMCAFFE_COMMIT}"
@@ -135,14 +134,6 @@ def git_blob_id(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached(net: str, cache_root: Path, *, allow_dense: bool = False) -> Path | None:
     """The verified decompressed file for net if the cache holds one (SHA-256 re-checked), else None."""
     entry = weights_entry(net, allow_dense=allow_dense)
@@ -159,7 +150,7 @@ def fetch(net: str, cache_root: Path, *, base_url: str = RAW_BASE_URL, allow_den
         return found
     folder.mkdir(parents=True, exist_ok=True)
     url = entry.url(base_url)
-    with _locked(folder):
+    with folder_lock(folder):
         found = _verified(entry, folder)  # another process may have finished it meanwhile
         if found:
             return found
@@ -189,7 +180,7 @@ def place(net: str, file: Path, cache_root: Path, allow_dense: bool = False) -> 
                         f"downloaded from {entry.url()}")
     folder = weights_dir(cache_root)
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder):
+    with folder_lock(folder):
         actual = git_blob_id(file)
         if actual == entry.blob_id:
             found = _verified(entry, folder)
@@ -331,17 +322,6 @@ def _write_json(path: Path, data: dict) -> None:
 def _is_bzip2(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(3) == b"BZh" or path.name.endswith(".bz2")
-
-
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Serialise fetch/place between processes sharing one cache (a lock on the folder itself)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 __all__ = ["SKIMCAFFE", "SKIMCAFFE_COMMIT", "RAW_BASE_URL", "PrunedWeights", "weights_entry",
