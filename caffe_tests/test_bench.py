@@ -46,7 +46,8 @@ def test_results_folder_is_complete(run_dir):
 def test_json_schema(run_dir):
     r = json.loads((run_dir / "results.json").read_text())
     assert r["schema"] == "sparse-caffe-bench/1"
-    assert {"cpu", "cores", "threads", "simd_flags", "memory_mib"} <= set(r["machine_info"])
+    assert {"cpu", "cores", "threads", "simd_flags", "memory_mib", "load_average_before",
+            "load_average_after"} <= set(r["machine_info"])
     assert {"project_commit", "project_dirty", "caffe_commit", "caffe_source", "patch_series_sha256",
             "blas", "compiler", "python"} <= set(r["software"])
     assert r["weights"]["synthetic"] is True and r["weights"]["kind"] == "synthetic"

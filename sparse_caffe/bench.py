@@ -83,7 +83,7 @@ def parse_paths(text: str) -> tuple[str, ...]:
     return paths if paths and paths[0] == "dense" else ("dense", *paths)
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, load_before: tuple[float, float, float]) -> dict:
     cpu, flags = platform.machine(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -97,7 +97,18 @@ def machine_info(threads: int) -> dict:
     except (OSError, StopIteration):
         memory = None
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "simd_flags": flags,
-            "memory_mib": memory, "os": platform.platform(), "machine": platform.machine()}
+            "memory_mib": memory, "os": platform.platform(), "machine": platform.machine(),
+            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
+
+
+def warn_if_busy(threads: int) -> tuple[float, float, float]:
+    """Other work on the cores makes multi-threaded timings erratic (a thread that loses its core
+    stalls every barrier): say so before measuring, and record the load in the results."""
+    load = os.getloadavg()
+    if load[0] > 0.5:
+        print(f"warning: load average {load[0]:.2f} before measuring: other processes are using "
+              f"the CPU; with {threads} threads the timings will be noisy", file=sys.stderr)
+    return load
 
 
 def project_info() -> dict:
@@ -177,6 +188,7 @@ def run_benchmark(build: Build, options: BenchOptions,
     if options.pytorch:
         ensure_torch()
     threads = options.threads or os.cpu_count() or 1
+    load_before = warn_if_busy(threads)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results_dir().mkdir(parents=True, exist_ok=True)
     partial = results_dir() / f".partial-{options.net}-{stamp}-{os.getpid()}"
@@ -198,7 +210,7 @@ def run_benchmark(build: Build, options: BenchOptions,
         results = {
             "schema": report.SCHEMA,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine_info": machine_info(threads),
+            "machine_info": machine_info(threads, load_before),
             "software": {**software, "sparse_backends": raw["backends_in_build"]},
             "weights": weights,
             "images": raw["images"],
