@@ -167,7 +167,10 @@ def test_interrupted_run_leaves_nothing(tmp_path):
     proc = subprocess.Popen([str(invoke), "bench", "--net", "caffenet", "--weights", "synthetic",
                              "--repeats", "50", "--images", "1", "--threads", "1"],
                             cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, text=True)
+                            stderr=subprocess.PIPE, start_new_session=True, text=True,
+                            # as in a terminal: a shell running us in the background (CI may)
+                            # leaves SIGINT ignored, and ignored signals are inherited
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(tmp_path.iterdir()):
         time.sleep(0.2)
