@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -185,14 +184,8 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
                    label=f"{p} (multiply and rest)")
         else:
             ax.bar(xs, medians, width, color=PATH_COLOURS.get(p), label=p)
-    ax.set_xticks(x, names, rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel("median time per forward (ms)")
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out_dir / "layer_times.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save_per_layer(fig, ax, names, "median time per forward (ms)", title,
+                                   out_dir / "layer_times.png"))
 
     # 2. speedup over dense per layer and path.
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.5), 5))
@@ -201,14 +194,8 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         ax.bar(xs, [layer["paths"][p]["speedup_vs_dense"] for layer in layers], width,
                color=PATH_COLOURS.get(p), label=p)
     ax.axhline(1.0, color="black", linewidth=1)
-    ax.set_xticks(x, names, rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel("speedup over dense (same run)")
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out_dir / "speedup.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save_per_layer(fig, ax, names, "speedup over dense (same run)", title,
+                                   out_dir / "speedup.png"))
 
     # 3. speedup against measured input sparsity and weight sparsity.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
@@ -228,6 +215,19 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
     return written
+
+
+def _save_per_layer(fig, ax, names: list[str], ylabel: str, title: str, path: Path) -> Path:
+    """Label a per-layer bar chart (one tick per layer), save it as PNG, close it."""
+    import matplotlib.pyplot as plt
+    ax.set_xticks(list(range(len(names))), names, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def compare(a: dict, b: dict) -> str:
@@ -253,7 +253,3 @@ def compare(a: dict, b: dict) -> str:
         cells.append(f"{ta:9.2f}{tb:9.2f}{tb / ta:8.2f}")
     lines.append(f"{'whole net':<18}" + "".join(cells))
     return "\n".join(lines)
-
-
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
