@@ -80,8 +80,7 @@ def build(c, blas="openblas", caffe_source=None, jobs=0, docker=False):
 @user_errors
 def test(c, blas="openblas", caffe_source=None, k=None, unit=False):
     """Run the tests: unit tests, then pycaffe and Caffe's own gtests against the patched build."""
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           **build_stage.runtime_env(blas)}
+    env = {**run_stage.thread_env(1), **build_stage.runtime_env(blas)}
     paths = ["tests"]
     if not unit:
         result = build_stage.build(BuildOptions(blas=blas), caffe_source)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import docker_route, measure, nets, render, report
+from . import docker_route, machine, measure, nets, render, report
 from . import run as run_stage
 from .build import Build
 from .config import CAFFE, PROJECT_ROOT, BuildOptions, cache_dir, results_dir
@@ -81,24 +80,6 @@ class BenchOptions:
 def parse_paths(text: str) -> tuple[str, ...]:
     paths = tuple(p.strip() for p in text.split(",") if p.strip())
     return paths if paths and paths[0] == "dense" else ("dense", *paths)
-
-
-def machine_info(threads: int, load_before: tuple[float, float, float]) -> dict:
-    cpu, flags = platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == platform.machine():
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = sorted(f for f in line.split(":", 1)[1].split()
-                               if f.startswith(("avx", "sse4", "fma", "f16c", "amx")))
-        memory = next(int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal"))
-    except (OSError, StopIteration):
-        memory = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "simd_flags": flags,
-            "memory_mib": memory, "os": platform.platform(), "machine": platform.machine(),
-            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
 
 
 def warn_if_busy(threads: int) -> tuple[float, float, float]:
@@ -210,7 +191,7 @@ def run_benchmark(build: Build, options: BenchOptions,
         results = {
             "schema": report.SCHEMA,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine_info": machine_info(threads, load_before),
+            "machine_info": machine.machine_info(threads, load_before),
             "software": {**software, "sparse_backends": raw["backends_in_build"]},
             "weights": weights,
             "images": raw["images"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -88,22 +87,6 @@ def measure(caffe, net, path: str, backend: str, warmup: int, repeats: int, dens
     return Measurement(path, backend, times, {k: statistics.median(v) for k, v in phases.items()}, diff)
 
 
-def machine_info() -> dict:
-    import os
-    model = platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                "MKL_NUM_THREADS")}
-    return {"cpu": model, "cores": os.cpu_count(), "threads": threads,
-            "python": sys.version.split()[0], "platform": platform.platform()}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="res5_branch2b")
@@ -115,8 +98,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the measurements here")
     args = parser.parse_args(argv)
 
+    import os
     import tempfile
+
     import caffe
+
+    from .machine import machine_info
+    load_before = os.getloadavg()
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     caffe.set_mode_cpu()
     shape = SHAPES[args.shape]
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +132,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"synthetic": True, "shape": args.shape, **shape, "args": vars(args),
-                       "machine": machine_info(),
+                       "machine": machine_info(threads, load_before),
                        "results": [dict(asdict(r), median_ms=r.median_ms,
                                         speedup_vs_dense=dense_ms / r.median_ms) for r in results]},
                       f, indent=2)

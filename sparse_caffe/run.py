@@ -104,8 +104,7 @@ def run_gtests(build: Build, gtest_filter: str = "-*GPU*", threads: int = 1,
     """
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "gtest.xml"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
-               "MKL_NUM_THREADS": str(threads), "GLOG_minloglevel": "2"}
+        env = {**os.environ, **thread_env(threads), "GLOG_minloglevel": "2"}
         result = subprocess.run(
             [str(build.gtest_binary), f"--gtest_filter={gtest_filter}", f"--gtest_output=xml:{report}"],
             cwd=build.source, env=env, capture_output=True, text=True, timeout=timeout)
