@@ -19,21 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import render
-from .config import BuildOptions, cache_dir
+from .config import PROJECT_ROOT, BuildOptions, cache_dir
 from .errors import UserError
 from .shell import run_logged, say, step
 from .source import SourceTree, ensure_source
 
 # Bump when the recipe below changes in a way the key would not otherwise see.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 APT_PACKAGES = (
     "ca-certificates", "dpkg-dev", "patch", "xz-utils", "diffutils", "cmake", "make", "g++", "ccache",
     "libboost-dev", "libboost-filesystem-dev", "libboost-system-dev", "libboost-thread-dev",
     "libboost-python-dev", "libgflags-dev", "libgoogle-glog-dev", "libhdf5-dev", "libprotobuf-dev",
-    "protobuf-compiler", "libopenblas-dev", "python3-dev",
+    "protobuf-compiler", "libopenblas-openmp-dev", "python3-dev",
 )
 MKL_REQUIREMENT = "mkl-devel==2026.2.0"
+# Debian's OpenMP build of OpenBLAS (libopenblas-openmp-dev): one thread pool with Caffe's libgomp.
+OPENBLAS_OPENMP_INCLUDE = "/usr/include/x86_64-linux-gnu/openblas-openmp"
+OPENBLAS_OPENMP_LIB = "/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so"
 # Caffe's own gtest suites built with every build and run by caffe_tests/.
 GTEST_SUITES = ("convolution_layer", "deconvolution_layer", "im2col_layer", "inner_product_layer")
 MAKE_TARGETS = ("caffe", "pycaffe", "test.testbin")
@@ -134,7 +137,10 @@ def cmake_options(options: BuildOptions, python: dict) -> list[str]:
     if options.blas == "mkl":
         flags += ["-DBLAS=MKL", f"-DMKL_RT_LIBRARY={mkl_prefix() / 'lib' / 'libmkl_rt.so.3'}"]
     else:
-        flags += ["-DBLAS=Open"]
+        # Named explicitly, never through the libblas/libopenblas alternatives: Debian's default
+        # OpenBLAS threads with pthreads, whose pool fights Caffe's OpenMP pool for the cores.
+        flags += ["-DBLAS=Open", f"-DOpenBLAS_INCLUDE_DIR={OPENBLAS_OPENMP_INCLUDE}",
+                  f"-DOpenBLAS_LIB={OPENBLAS_OPENMP_LIB}"]
     return flags
 
 
@@ -279,7 +285,7 @@ def build(options: BuildOptions, caffe_source: str | None = None) -> Build:
     with step("import caffe", 6, total):
         smoke_test(result, log)
     partial = done.with_suffix(".partial")
-    partial.write_text(json.dumps({"key": key, "inputs": inputs,
+    partial.write_text(json.dumps({"key": key, "inputs": inputs, "clone": str(PROJECT_ROOT),
                                    "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
     partial.rename(done)
     prune_old_builds(options.blas, keep=root)
@@ -299,9 +305,20 @@ def locate(options: BuildOptions, caffe_source: str | None = None) -> Build:
     return Build(root=root, key=key, inputs=inputs)
 
 
-def prune_old_builds(blas: str, keep: Path, count: int = KEEP_BUILDS_PER_BLAS) -> None:
-    """Keep the newest few finished builds per BLAS (and any in progress); ccache keeps rebuilds cheap."""
-    finished = sorted((p for p in builds_root().glob(f"{blas}-*") if (p / "complete.json").is_file()),
+def built_by(folder: Path) -> str | None:
+    """The clone (project folder) whose ./inv build finished this build folder, if recorded."""
+    try:
+        return json.loads((folder / "complete.json").read_text()).get("clone")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prune_old_builds(blas: str, keep: Path, count: int = KEEP_BUILDS_PER_BLAS,
+                     clone: Path = PROJECT_ROOT) -> None:
+    """Keep this clone's newest few finished builds per BLAS; never touch another clone's builds
+    (or any in progress). ccache keeps rebuilds cheap."""
+    finished = sorted((p for p in builds_root().glob(f"{blas}-*")
+                       if (p / "complete.json").is_file() and built_by(p) == str(clone)),
                       key=lambda p: (p / "complete.json").stat().st_mtime, reverse=True)
     for old in finished[count:]:
         if old != keep:

@@ -59,21 +59,23 @@ def test_build_folders_are_keyed_and_unfinished_ones_refused(tmp_path, monkeypat
     assert build.Build.load(root).inputs == {"blas": "mkl"}
 
 
-def test_prune_keeps_the_newest_finished_builds(tmp_path, monkeypatch):
+def test_prune_keeps_the_newest_finished_builds_of_this_clone_only(tmp_path, monkeypatch):
+    import os
     monkeypatch.setenv("SPARSE_CAFFE_CACHE", str(tmp_path))
-    made = []
+    clone, other = tmp_path / "clone a", tmp_path / "clone b"
+    made, others = [], []
     for i in range(5):
-        folder = tmp_path / "builds" / f"openblas-{i:016d}"
-        folder.mkdir(parents=True)
-        (folder / "complete.json").write_text("{}")
-        import os
-        os.utime(folder / "complete.json", (i, i))
-        made.append(folder)
+        for owner, folders in ((clone, made), (other, others)):
+            folder = tmp_path / "builds" / f"openblas-{owner.name[-1]}{i:015d}"
+            folder.mkdir(parents=True)
+            (folder / "complete.json").write_text(json.dumps({"clone": str(owner)}))
+            os.utime(folder / "complete.json", (i, i))
+            folders.append(folder)
     in_progress = tmp_path / "builds" / "openblas-inprogress"
     in_progress.mkdir()
-    build.prune_old_builds("openblas", keep=made[0], count=2)
+    build.prune_old_builds("openblas", keep=made[0], count=2, clone=clone)
     assert sorted(p.name for p in (tmp_path / "builds").iterdir()) == sorted(
-        [made[0].name, made[3].name, made[4].name, in_progress.name])
+        [made[0].name, made[3].name, made[4].name, in_progress.name] + [f.name for f in others])
 
 
 def test_missing_apt_packages_are_found():
