@@ -189,6 +189,18 @@ def report(c, run_dir):
     print(report_stage.table(results))
 
 
+@task(help={"run_dir": "a folder written by ./inv bench (natively, OpenBLAS or MKL build)",
+            "forwards": "forwards timed in the plain loop"})
+@user_errors
+def check_baseline(c, run_dir, forwards=30):
+    """Cross-check a run's dense baseline against a plain pycaffe loop (OMP_WAIT_POLICY=passive)."""
+    results = report_stage.load(Path(run_dir))
+    result = build_stage.build(BuildOptions(blas=results["software"]["blas"]))
+    bench, plain = run_stage.check_baseline(result, results, forwards)
+    print(f"dense whole forward: bench {bench:.2f} ms, plain pycaffe loop {plain:.2f} ms "
+          f"(ratio {bench / plain:.2f}, within {run_stage.BASELINE_TOLERANCE:.0%})")
+
+
 @task(help={"run_a": "baseline run folder", "run_b": "run folder to compare with it"})
 @user_errors
 def compare(c, run_a, run_b):
@@ -204,6 +216,6 @@ def clean(c, all=False):
 
 
 namespace = Collection(fetch, render, build, test, fetch_weights, inspect, bench, report,
-                       compare, bench_layer, clean)
+                       compare, bench_layer, check_baseline, clean)
 namespace.configure({"run": {"echo": True}})
 os.chdir(PROJECT_ROOT)

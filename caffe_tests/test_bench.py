@@ -45,7 +45,7 @@ def test_results_folder_is_complete(run_dir):
 
 def test_json_schema(run_dir):
     r = json.loads((run_dir / "results.json").read_text())
-    assert r["schema"] == "sparse-caffe-bench/1"
+    assert r["schema"] == "sparse-caffe-bench/2"
     assert {"cpu", "cores", "threads", "simd_flags", "memory_mib", "load_average_before",
             "load_average_after"} <= set(r["machine_info"])
     assert {"project_commit", "project_dirty", "caffe_commit", "caffe_source", "patch_series_sha256",
@@ -61,7 +61,14 @@ def test_json_schema(run_dir):
             assert len(result["times_ms"]) == 2
             assert {"min", "median", "q1", "q3", "iqr", "mean", "stddev"} <= set(result["stats"])
     assert set(r["net"]) == set(r["params"]["paths"])
-    assert r["problems"] == []
+    for result in r["net"].values():
+        assert {"layer_sum_ms", "consistency_gap", "stages_ms", "layers_ms"} <= set(result)
+    # The whole-vs-layers gap depends on the machine's load; every other problem is a failure.
+    assert [p for p in r["problems"] if "one at a time" not in p] == []
+    # The BLAS that pycaffe loaded, read from the library at run time.
+    blas = r["software"]["blas_runtime"]
+    assert blas["name"] in ("openblas", "mkl") and blas["threading"] in ("openmp", "gnu")
+    assert [Path(p).name.split(".")[0] for p in blas["openmp_runtimes"]] == ["libgomp"]
 
 
 def test_every_number_is_derived_from_measurements(run_dir, caffe):
@@ -94,6 +101,12 @@ def test_every_number_is_derived_from_measurements(run_dir, caffe):
     for path, result in r["net"].items():
         assert result["stats"]["median"] == pytest.approx(statistics.median(result["times_ms"]))
         assert result["top1_agreement"] == 1.0
+        # every layer of the net is timed (not only the convolutions), and the stages add up
+        assert list(result["layers_ms"])[:2] == ["data", "conv1"] and "fc8" in result["layers_ms"]
+        assert sum(result["stages_ms"].values()) == pytest.approx(result["layer_sum_ms"], rel=0.2)
+        assert result["stages_ms"]["convolution"] > 0 and result["stages_ms"]["fully_connected"] > 0
+        assert result["consistency_gap"] == pytest.approx(
+            1 - result["layer_sum_ms"] / result["stats"]["median"])
 
 
 def test_csv_agrees_with_json(run_dir):
@@ -185,6 +198,23 @@ def test_interrupted_run_leaves_nothing(tmp_path):
         pytest.fail(f"bench did not stop after Ctrl-C; its output:\n{out[-1500:]}\n{err[-3000:]}")
     assert proc.returncode != 0
     assert list(tmp_path.iterdir()) == [], err[-2000:]
+
+
+PTHREAD_OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+
+
+def test_bench_refuses_a_blas_that_threads_with_another_runtime(tmp_path):
+    """Debian's default OpenBLAS threads with pthreads: preloaded into pycaffe (as an
+    LD_LIBRARY_PATH or alternatives mix-up would), bench must refuse to time with it."""
+    assert PTHREAD_OPENBLAS.is_file(), "libopenblas0-pthread is installed by ./inv build"
+    env = {**os.environ, "SPARSE_CAFFE_RESULTS": str(tmp_path), "LD_PRELOAD": str(PTHREAD_OPENBLAS)}
+    invoke = Path(sys.executable).parent / "invoke"
+    done = subprocess.run([str(invoke), "bench", *ARGS[:-2], "--threads", "2"], cwd=PROJECT_ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "threads with pthreads" in errors[0], done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pytorch_side_by_side_baseline(tmp_path):

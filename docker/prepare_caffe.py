@@ -123,7 +123,10 @@ def prepare(args):
     record = {"caffe_commit": args.commit, "caffe_tree_sha256": actual,
               "patch_series_sha256": series_sha256(args.patches),
               "patches": [os.path.basename(p) for p in series_files(args.patches)],
-              "blas": args.blas, "base_image": args.base_image}
+              "blas": args.blas, "base_image": args.base_image,
+              "openblas": ("Ubuntu's openblas {} source rebuilt with USE_OPENMP=1 (the archive's "
+                           "binaries thread with pthreads)".format(args.openblas_source)
+                           if args.blas == "openblas" and args.openblas_source else None)}
     with open(args.info, "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -140,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--info", required=True, help="where to write the image's record (JSON)")
     parser.add_argument("--blas", default="openblas")
     parser.add_argument("--base-image", default="")
+    parser.add_argument("--openblas-source", default="",
+                        help="the Ubuntu openblas source version the image rebuilt with OpenMP")
     args = parser.parse_args(argv)
     try:
         prepare(args)

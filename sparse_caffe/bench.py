@@ -192,14 +192,17 @@ def run_benchmark(build: Build, options: BenchOptions,
             "schema": report.SCHEMA,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine_info": machine.machine_info(threads, load_before),
-            "software": {**software, "sparse_backends": raw["backends_in_build"]},
+            "software": {**software, "sparse_backends": raw["backends_in_build"],
+                         "blas_runtime": raw["blas_runtime"]},
             "weights": weights,
             "images": raw["images"],
             "params": {**asdict(options), "paths": list(options.paths), "threads": threads,
                        "warmup_note": "warm-up forwards are run first and not measured",
                        "timing_note": "per-layer times: sum of the layer's phase timers over "
                                       "profiled forwards; whole-net times: separate unprofiled "
-                                      "forwards (wall clock)"},
+                                      "forwards (wall clock), each followed by the same forward "
+                                      "one layer at a time (net.layers_ms, stages_ms, "
+                                      "layer_sum_ms; consistency_gap = 1 - sum / whole)"},
             "agreement_tolerance": raw["agreement_tolerance"],
             "layers": layers,
             "net": net,

@@ -152,11 +152,14 @@ def run(spec: dict) -> dict:
     net, net_text, layers, weights, images = prepare(caffe, spec)
     feeds = list(images_stage.batches(images, spec["batch"],
                                       measure.feed_count(spec, images.count)))
+    net.blobs["data"].data[...] = feeds[0]
+    blas = measure.checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
     measured = measure.measure(caffe, net, layers, feeds, images.count, spec)
     pytorch = (torch_baseline(caffe, net, net_text, layers, measured["dense_inputs"],
                               measured["reference"], spec)
                if spec.get("pytorch") else None)
-    return measure.raw_result(caffe, net, layers, measured, weights, images.describe(), pytorch)
+    return measure.raw_result(caffe, net, layers, measured, weights, images.describe(), pytorch,
+                              blas)
 
 
 def export(spec: dict, folder: Path) -> None:

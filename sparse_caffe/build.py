@@ -32,6 +32,8 @@ APT_PACKAGES = (
     "libboost-dev", "libboost-filesystem-dev", "libboost-system-dev", "libboost-thread-dev",
     "libboost-python-dev", "libgflags-dev", "libgoogle-glog-dev", "libhdf5-dev", "libprotobuf-dev",
     "protobuf-compiler", "libopenblas-openmp-dev", "python3-dev",
+    # Not linked: the test that bench refuses a BLAS threading with pthreads preloads it.
+    "libopenblas0-pthread",
 )
 MKL_REQUIREMENT = "mkl-devel==2026.2.0"
 # Debian's OpenMP build of OpenBLAS (libopenblas-openmp-dev): one thread pool with Caffe's libgomp.

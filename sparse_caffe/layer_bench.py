@@ -103,7 +103,9 @@ def main(argv=None) -> int:
 
     import caffe
 
+    from .errors import UserError
     from .machine import machine_info
+    from .measure import checked_blas_runtime
     load_before = os.getloadavg()
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     caffe.set_mode_cpu()
@@ -111,7 +113,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         net, w, x = synthetic_layer(caffe, shape, args.weight_zeros, args.input_zeros, args.seed, tmp)
         caffe.set_conv_forward_path("dense", "conv")
-        net.forward()
+        try:
+            blas = checked_blas_runtime(net, threads)  # one dense forward, then the BLAS check
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         dense_out = net.blobs["conv"].data.copy()
         results = [measure(caffe, net, "dense", "openmp", args.warmup, args.repeats, dense_out)]
         for backend in caffe.conv_sparse_backends():
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"synthetic": True, "shape": args.shape, **shape, "args": vars(args),
-                       "machine": machine_info(threads, load_before),
+                       "machine": machine_info(threads, load_before), "blas_runtime": blas,
                        "results": [dict(asdict(r), median_ms=r.median_ms,
                                         speedup_vs_dense=dense_ms / r.median_ms) for r in results]},
                       f, indent=2)

@@ -14,6 +14,7 @@ numpy calls that Ubuntu 18.04's numpy 1.13 has. Imports only the standard librar
 (passed in) and sparse_caffe.errors.
 """
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -54,6 +55,70 @@ def batches(data, batch, count):
     batches as sparse_caffe.images.batches."""
     total = len(data)
     return [data[[(index * batch + i) % total for i in range(batch)]] for index in range(count)]
+
+
+def loaded_libraries():
+    """Paths of the shared libraries mapped into this process (Linux: /proc/self/maps)."""
+    found = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith("/"):
+                found.add(parts[5])
+    return sorted(found)
+
+
+OPENBLAS_PARALLEL = {0: "sequential", 1: "pthreads", 2: "openmp"}
+MKL_THREADING = (("gnu", "libmkl_gnu_thread"), ("intel", "libmkl_intel_thread"),
+                 ("tbb", "libmkl_tbb_thread"), ("sequential", "libmkl_sequential"))
+
+
+def blas_runtime():
+    """The BLAS this process actually loaded and how it threads, read from the libraries
+    themselves (call it after a dense forward: MKL loads its threading layer on first use)."""
+    libraries = loaded_libraries()
+
+    def named(*prefixes):
+        return [p for p in libraries if os.path.basename(p).startswith(prefixes)]
+    info = {"openmp_runtimes": named("libgomp", "libiomp", "libomp")}
+    openblas = named("libopenblas")
+    mkl = named("libmkl_")
+    if openblas:
+        lib = ctypes.CDLL(openblas[0])
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        info.update(name="openblas", library=os.path.realpath(openblas[0]),
+                    threading=OPENBLAS_PARALLEL.get(lib.openblas_get_parallel(), "unknown"),
+                    config=lib.openblas_get_config().decode(),
+                    threads=lib.openblas_get_num_threads())
+    elif mkl:
+        layers = [layer for layer, prefix in MKL_THREADING if named(prefix)]
+        lib = ctypes.CDLL(named("libmkl_rt")[0]) if named("libmkl_rt") else None
+        info.update(name="mkl", library=os.path.realpath((named("libmkl_rt") or mkl)[0]),
+                    threading=",".join(layers) or "not loaded yet",
+                    threads=lib.MKL_Get_Max_Threads() if lib else None)
+    else:
+        info.update(name="unknown", library=None, threading="unknown")
+    return info
+
+
+def check_blas_runtime(info, threads):
+    """Refuse to time a dense baseline whose BLAS threads with another runtime than Caffe's
+    OpenMP: two thread pools on the same cores make dense (and every ratio) wrong."""
+    fix = ("rebuild with ./inv build (it links Debian's OpenMP OpenBLAS, libopenblas0-openmp) and "
+           "do not override it with LD_LIBRARY_PATH or LD_PRELOAD")
+    runtimes = [os.path.basename(p) for p in info["openmp_runtimes"]]
+    if len(runtimes) > 1:
+        raise UserError("two OpenMP runtimes are loaded ({}): their thread pools would fight for "
+                        "the cores; {}".format(", ".join(runtimes), fix))
+    if threads <= 1:
+        return
+    if info["name"] == "openblas" and info["threading"] != "openmp":
+        raise UserError("the loaded OpenBLAS ({}) threads with {}, Caffe with OpenMP: two thread "
+                        "pools would fight for the cores and slow the dense baseline; {}".format(
+                            info["library"], info["threading"], fix))
+    if info["name"] == "mkl" and info["threading"] != "gnu":
+        raise UserError("MKL's threading layer is {} (not GNU OpenMP, which Caffe uses): set "
+                        "MKL_THREADING_LAYER=GNU (./inv bench does)".format(info["threading"]))
 
 
 def layer_shapes(net, names):
@@ -125,11 +190,18 @@ def measure(caffe, net, layers, feeds, image_count, spec):
                               backend=p["backend"])
                 counters[name] = totals
             progress("profiled forward", i)
-        for i in range(spec["repeats"]):  # unprofiled: whole-net time
+        layer_times = {name: [] for name in net._layer_names}
+        for i in range(spec["repeats"]):  # unprofiled: whole-net time, then layer by layer
             net.blobs["data"].data[...] = feeds[i % len(feeds)]
             start = time.perf_counter()
             net.forward()
             times.append((time.perf_counter() - start) * 1e3)
+            # The same forward one layer at a time: the layers' times must add up to the whole
+            # (a gap means time spent outside the layers, e.g. thread pools fighting).
+            for index, name in enumerate(net._layer_names):
+                start = time.perf_counter()
+                net._forward(index, index)
+                layer_times[name].append((time.perf_counter() - start) * 1e3)
             progress("timed forward", i)
         # Correctness against dense on the first batch, and top-1 over every image.
         forward(feeds[0])
@@ -146,8 +218,8 @@ def measure(caffe, net, layers, feeds, image_count, spec):
             forward(feed)
             top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(batch, -1).argmax(1))
         predictions[path] = top1
-        results[path] = {"net_times_ms": times, "phases_ms": phases, "counters": counters,
-                         "max_rel_diff": differences}
+        results[path] = {"net_times_ms": times, "layer_times_ms": layer_times, "phases_ms": phases,
+                         "counters": counters, "max_rel_diff": differences}
     caffe.clear_conv_forward_paths()
     baseline = predictions[paths[0]]
     for path in paths:
@@ -156,9 +228,20 @@ def measure(caffe, net, layers, feeds, image_count, spec):
     return {"paths": results, "reference": reference, "dense_inputs": dense_inputs}
 
 
-def raw_result(caffe, net, layers, measured, weights, images, pytorch):
+def checked_blas_runtime(net, threads):
+    """One dense forward (so MKL loads its threading layer), then the BLAS runtime, refused when
+    it threads with another runtime than Caffe's OpenMP."""
+    net.forward()
+    info = blas_runtime()
+    check_blas_runtime(info, threads)
+    return info
+
+
+def raw_result(caffe, net, layers, measured, weights, images, pytorch, blas):
     """The raw measurements as the host reads them (raw.json): the same from both routes."""
     return {"weights": weights, "images": images, "layers": layers, "pytorch": pytorch,
+            "net_layers": [[name, layer.type] for name, layer in zip(net._layer_names, net.layers)],
+            "blas_runtime": blas,
             "shapes": layer_shapes(net, layers), "paths": measured["paths"],
             "agreement_tolerance": AGREEMENT_TOLERANCE,
             "backends_in_build": list(caffe.conv_sparse_backends())}
@@ -195,8 +278,11 @@ def run_folder(folder, image_info=None):
                         "with ./inv bench --docker".format(", ".join(unknown) or "(none given)"))
     data = np.load(os.path.join(folder, IMAGES_FILE))
     feeds = batches(data, spec["batch"], feed_count(spec, len(data)))
+    net.blobs["data"].data[...] = feeds[0]
+    blas = checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
     measured = measure(caffe, net, layers, feeds, len(data), spec)
-    raw = raw_result(caffe, net, layers, measured, spec["weights_info"], spec["images_info"], None)
+    raw = raw_result(caffe, net, layers, measured, spec["weights_info"], spec["images_info"], None,
+                     blas)
     raw["environment"] = environment()
     if image_info:
         with open(image_info) as f:

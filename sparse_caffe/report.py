@@ -12,7 +12,12 @@ from pathlib import Path
 
 from .errors import UserError
 
-SCHEMA = "sparse-caffe-bench/1"
+SCHEMA = "sparse-caffe-bench/2"
+# The whole forward and the sum of its layers' times (same forwards, one layer at a time) should
+# agree; a larger gap means time lost outside the layers (e.g. two thread pools fighting).
+CONSISTENCY_TOLERANCE = 0.10
+# How the whole forward is broken down: Caffe layer types per stage, the rest is "other".
+STAGES = (("convolution", ("Convolution",)), ("fully_connected", ("InnerProduct",)))
 PHASES = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
 PATH_COLOURS = {"dense": "tab:green", "spmdm": "tab:purple", "sparse_sparse": "tab:blue",
                 "sparse_output": "tab:orange"}
@@ -77,13 +82,38 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
     for path in paths:
         times = raw["paths"][path]["net_times_ms"]
         net[path] = {"times_ms": times, "stats": stats(times),
-                     "top1_agreement": raw["paths"][path]["top1_agreement"]}
+                     "top1_agreement": raw["paths"][path]["top1_agreement"],
+                     **layer_breakdown(raw["net_layers"], raw["paths"][path]["layer_times_ms"])}
+        whole, layer_sum = net[path]["stats"]["median"], net[path]["layer_sum_ms"]
+        net[path]["consistency_gap"] = (whole - layer_sum) / whole
+        if abs(net[path]["consistency_gap"]) > CONSISTENCY_TOLERANCE:
+            problems.append(f"whole net on {path}: its layers take {layer_sum:.2f} ms one at a "
+                            f"time but the whole forward {whole:.2f} ms "
+                            f"({net[path]['consistency_gap']:+.0%}): time is lost outside the "
+                            "layers (other processes, or thread pools fighting); re-run on a "
+                            "quiet machine")
         if net[path]["top1_agreement"] < 1.0:
             problems.append(f"whole net on {path}: top-1 agrees with dense on "
                             f"{net[path]['top1_agreement']:.1%} of the images")
     for path in paths:
         net[path]["speedup_vs_dense"] = net[baseline]["stats"]["median"] / net[path]["stats"]["median"]
     return layers, net, problems
+
+
+def layer_breakdown(net_layers: list, layer_times: dict) -> dict:
+    """Medians over the forwards of: every layer's time, their sum, and the sum per stage
+    (convolutions, fully connected layers, everything else)."""
+    forwards = len(next(iter(layer_times.values())))
+    stage_of = {name: next((stage for stage, types in STAGES if kind in types), "other")
+                for name, kind in net_layers}
+    sums = {stage: [0.0] * forwards for stage in [s for s, _ in STAGES] + ["other"]}
+    for name, _ in net_layers:
+        for i, ms in enumerate(layer_times[name]):
+            sums[stage_of[name]][i] += ms
+    total = [sum(values) for values in zip(*sums.values())]
+    return {"layer_sum_ms": statistics.median(total),
+            "stages_ms": {stage: statistics.median(values) for stage, values in sums.items()},
+            "layers_ms": {name: statistics.median(layer_times[name]) for name, _ in net_layers}}
 
 
 def load(run_dir: Path) -> dict:
@@ -144,6 +174,13 @@ def table(results: dict) -> str:
     lines.append(f"{'whole net (ms)':<30}" + "".join(
         f"{net[p]['stats']['median']:8.2f} {net[p]['speedup_vs_dense']:4.1f}x " for p in paths))
     lines.append(f"{'top-1 agreement':<30}" + "".join(f"{net[p]['top1_agreement']:>14.0%} " for p in paths))
+    if all("stages_ms" in net[p] for p in paths):
+        lines.append(f"{'sum of layers (ms)':<30}" + "".join(
+            f"{net[p]['layer_sum_ms']:8.2f} {net[p]['consistency_gap']:+5.0%} " for p in paths))
+        for stage in net[paths[0]]["stages_ms"]:
+            lines.append(f"{'  ' + stage.replace('_', ' '):<30}" + "".join(
+                f"{net[p]['stages_ms'][stage]:8.2f} {net[p]['stages_ms'][stage] / net[p]['layer_sum_ms']:5.0%} "
+                for p in paths))
     weights = results["weights"]
     lines.append(f"weights: {weights['kind']}{' (SYNTHETIC)' if weights['synthetic'] else ''}; "
                  f"times are medians of {results['params']['repeats']} forwards, ms; "

@@ -1,6 +1,7 @@
 """Run stage: run things against a finished build (Caffe's own gtests; pycaffe in a subprocess)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .build import Build
-from .config import PROJECT_ROOT, results_dir
+from .config import PROJECT_ROOT, cache_dir, results_dir
 from .errors import UserError
 
 
@@ -44,6 +45,41 @@ def raise_for(result: subprocess.CompletedProcess, what: str, error_file: Path |
         raise UserError(errors[-1][len("error: "):])
     tail = "\n".join(lines[-8:])
     raise UserError(f"{what} failed (exit {result.returncode})" + (f":\n{tail}" if tail else ""))
+
+
+# How far bench's dense whole forward may be from the plain loop's before the baseline is suspect.
+BASELINE_TOLERANCE = 0.15
+
+
+def check_baseline(build: Build, results: dict, forwards: int = 30) -> tuple[float, float]:
+    """Time the dense whole forward of a run's net in a plain pycaffe loop (OMP_WAIT_POLICY=passive,
+    same net, weights, images, batch, threads) and compare it with the run's dense median.
+    Returns (bench's median, the plain loop's median); UserError beyond BASELINE_TOLERANCE."""
+    params = results["params"]
+    weights = Path(results["weights"]["path"])
+    if not weights.is_file():
+        raise UserError(f"the run's weights {weights} are gone; re-run ./inv bench")
+    images = params["images"]
+    spec = {**params, "paths": ["dense"], "weights": str(weights),
+            "images": int(images) if isinstance(images, str) and images.isdigit() else images,
+            "cache_dir": str(cache_dir())}
+    threads = int(params["threads"])
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        env = {**build.env(), **thread_env(threads), "OMP_WAIT_POLICY": "passive"}
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
+        result = subprocess.run([sys.executable, "-m", "sparse_caffe.plain_forward", str(spec_file),
+                                 "--forwards", str(forwards)], env=env, capture_output=True,
+                                text=True)
+    raise_for(result, "the plain pycaffe loop")
+    plain = json.loads(result.stdout.strip().splitlines()[-1])["median_ms"]
+    bench = results["net"]["dense"]["stats"]["median"]
+    if abs(bench - plain) / plain > BASELINE_TOLERANCE:
+        raise UserError(f"bench's dense whole forward ({bench:.2f} ms) is {bench / plain:.2f}x the "
+                        f"plain loop's ({plain:.2f} ms, OMP_WAIT_POLICY=passive): the baseline is "
+                        "suspect (a busy machine, or thread pools fighting); re-run on a quiet machine")
+    return bench, plain
 
 
 def inspect(build: Build, net: str, weights: str, images: str | None, batch: int,
