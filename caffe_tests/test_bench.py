@@ -83,6 +83,10 @@ def test_every_number_is_derived_from_measurements(run_dir, caffe):
             assert result["stats"]["min"] == min(result["times_ms"]) > 0
             assert result["speedup_vs_dense"] == pytest.approx(
                 dense["stats"]["median"] / result["stats"]["median"])
+            # paths timed side by side, round by round: ratios per round, then summarised
+            per_round = [d / t for d, t in zip(dense["times_ms"], result["times_ms"])]
+            assert result["speedup_per_round"]["median"] == pytest.approx(statistics.median(per_round))
+            assert result["speedup_per_round"]["verdict"] in ("faster", "slower", "no clear difference")
             seconds = result["stats"]["median"] / 1e3
             assert result["effective_gflops"] == pytest.approx(
                 2 * layer["dense_macs_per_image"] / seconds / 1e9)

@@ -136,90 +136,99 @@ def layer_shapes(net, names):
 def measure(caffe, net, layers, feeds, image_count, spec):
     """Run spec["paths"] (dense first) over the convolution `layers` of `net`, fed `feeds`.
 
-    Per path: spec["warmup"] unmeasured forwards, spec["repeats"] profiled ones (per-layer phase
-    times and counters), spec["repeats"] unprofiled ones (whole-net wall clock), then each layer's
-    output on the first batch against dense's and top-1 over the first ceil(image_count / batch)
-    batches. Returns {"paths": {path: results}, "reference": dense outputs, "dense_inputs": dense
-    inputs} (the last two per layer, for a side-by-side baseline)."""
-    batch, paths = spec["batch"], spec["paths"]
+    First spec["warmup"] unmeasured forwards per path. Then spec["repeats"] rounds; each round
+    runs every path once, in an order rotated by one path per round (so drift on a shared machine
+    hits every path alike), and per path: one profiled forward (per-layer phase times and
+    counters), one unprofiled forward (whole-net wall clock) and the same forward one layer at a
+    time (every layer's wall clock). Last, per path, each layer's output on the first batch
+    against dense's and top-1 over the first ceil(image_count / batch) batches. Returns
+    {"paths": {path: results}, "reference": dense outputs, "dense_inputs": dense inputs} (the
+    last two per layer, for a side-by-side baseline)."""
+    batch, paths, repeats = spec["batch"], spec["paths"], spec["repeats"]
     output_blob = net.outputs[-1]
-    caffe.clear_conv_forward_paths()
-    caffe.set_conv_sparse_backend(spec["backend"])
+
+    def use(path):
+        caffe.clear_conv_forward_paths()
+        caffe.set_conv_sparse_backend(spec["backend"])
+        for name in layers:
+            caffe.set_conv_forward_path(path, name)
 
     def forward(feed):
         net.blobs["data"].data[...] = feed
         net.forward()
 
-    reference, dense_inputs, predictions, results = {}, {}, {}, {}
-    total_steps = len(paths) * (spec["warmup"] + 2 * spec["repeats"])
-    step, started = 0, time.monotonic()
-    for index, path in enumerate(paths):
-        caffe.clear_conv_forward_paths()
-        caffe.set_conv_sparse_backend(spec["backend"])
-        for name in layers:
-            caffe.set_conv_forward_path(path, name)
-        times, phases, counters = [], {name: {} for name in layers}, {name: None for name in layers}
+    results = {path: {"net_times_ms": [], "layer_times_ms": {name: [] for name in net._layer_names},
+                      "phases_ms": {name: {} for name in layers},
+                      "counters": {name: None for name in layers}, "round_order": []}
+               for path in paths}
+    total_steps = len(paths) * (spec["warmup"] + repeats)
+    state = {"step": 0}
+    started = time.monotonic()
 
-        def progress(what, i):
-            nonlocal step
-            step += 1
+    def progress(what, path, i):
+        state["step"] += 1
+        step = state["step"]
+        if i == 0 or step % 10 == 0:
             elapsed = time.monotonic() - started
-            eta = elapsed / step * (total_steps - step)
-            if i == 0 or step % 10 == 0:
-                say(f"[{index + 1}/{len(paths)} {path}] {what} {i + 1}; "
-                    f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
+            say("[{}] {} {}; elapsed {:.0f} s, ETA {:.0f} s".format(
+                path, what, i + 1, elapsed, elapsed / step * (total_steps - step)))
 
-        for i in range(spec["warmup"]):  # warm-up: weight CSRs, caches, thread pools
+    for path in paths:  # warm-up: weight CSRs, caches, thread pools
+        use(path)
+        for i in range(spec["warmup"]):
             forward(feeds[i % len(feeds)])
-            progress("warm-up", i)
-        for i in range(spec["repeats"]):  # profiled: per-layer phases
-            caffe.reset_conv_profile()
+            progress("warm-up", path, i)
+    for i in range(repeats):
+        feed = feeds[i % len(feeds)]
+        for position in range(len(paths)):
+            path = paths[(i + position) % len(paths)]
+            use(path)
+            measured = results[path]
+            measured["round_order"].append(position)
+            caffe.reset_conv_profile()  # profiled: per-layer phases
             caffe.set_conv_profiling(True)
-            forward(feeds[i % len(feeds)])
+            forward(feed)
             caffe.set_conv_profiling(False)
             profile = caffe.conv_profile()
             for name in layers:
                 p = profile[name]
                 for phase, seconds in p["seconds"].items():
-                    phases[name].setdefault(phase, []).append(seconds * 1e3)
-                totals = counters[name] or dict.fromkeys(COUNTER_KEYS, 0)
+                    measured["phases_ms"][name].setdefault(phase, []).append(seconds * 1e3)
+                totals = measured["counters"][name] or dict.fromkeys(COUNTER_KEYS, 0)
                 for key in totals:
                     totals[key] += p[key]
                 totals.update(weight_nonzeros=p["weight_nonzeros"],
                               weight_elements=p["weight_elements"], path=p["path"],
                               backend=p["backend"])
-                counters[name] = totals
-            progress("profiled forward", i)
-        layer_times = {name: [] for name in net._layer_names}
-        for i in range(spec["repeats"]):  # unprofiled: whole-net time, then layer by layer
-            net.blobs["data"].data[...] = feeds[i % len(feeds)]
+                measured["counters"][name] = totals
+            net.blobs["data"].data[...] = feed  # unprofiled: the whole net
             start = time.perf_counter()
             net.forward()
-            times.append((time.perf_counter() - start) * 1e3)
+            measured["net_times_ms"].append((time.perf_counter() - start) * 1e3)
             # The same forward one layer at a time: the layers' times must add up to the whole
             # (a gap means time spent outside the layers, e.g. thread pools fighting).
             for index, name in enumerate(net._layer_names):
                 start = time.perf_counter()
                 net._forward(index, index)
-                layer_times[name].append((time.perf_counter() - start) * 1e3)
-            progress("timed forward", i)
-        # Correctness against dense on the first batch, and top-1 over every image.
+                measured["layer_times_ms"][name].append((time.perf_counter() - start) * 1e3)
+            progress("round", path, i)
+    reference, dense_inputs, predictions = {}, {}, {}
+    for path in paths:  # correctness against dense on the first batch, top-1 over every image
+        use(path)
         forward(feeds[0])
         outputs = {name: net.blobs[net.top_names[name][0]].data.copy() for name in layers}
         if path == paths[0]:
             reference = outputs
             dense_inputs = {name: net.blobs[net.bottom_names[name][0]].data.copy()
                             for name in layers}
-        differences = {name: float(np.abs(outputs[name] - reference[name]).max() /
-                                   max(float(np.abs(reference[name]).max()), 1e-30))
-                       for name in layers}
+        results[path]["max_rel_diff"] = {
+            name: float(np.abs(outputs[name] - reference[name]).max() /
+                        max(float(np.abs(reference[name]).max()), 1e-30)) for name in layers}
         top1 = []
         for feed in feeds[:-(-image_count // batch)]:
             forward(feed)
             top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(batch, -1).argmax(1))
         predictions[path] = top1
-        results[path] = {"net_times_ms": times, "layer_times_ms": layer_times, "phases_ms": phases,
-                         "counters": counters, "max_rel_diff": differences}
     caffe.clear_conv_forward_paths()
     baseline = predictions[paths[0]]
     for path in paths:

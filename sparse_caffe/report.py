@@ -33,6 +33,15 @@ def stats(values: list[float]) -> dict:
             "rounds": len(ordered)}
 
 
+def round_ratios(dense: list[float], other: list[float]) -> dict:
+    """dense / other round by round (the two were timed in the same round, side by side),
+    summarised; a spread that straddles 1.0 is no clear difference, not a win or a loss."""
+    summary = stats([d / o for d, o in zip(dense, other)])
+    summary["verdict"] = ("no clear difference" if summary["q1"] <= 1.0 <= summary["q3"]
+                          else "faster" if summary["q1"] > 1.0 else "slower")
+    return summary
+
+
 def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
     """Per-layer and per-net results with statistics, from the runner's raw measurements."""
     paths = list(raw["paths"])
@@ -60,6 +69,7 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
         for path, result in per_path.items():
             seconds = result["stats"]["median"] / 1e3
             result["speedup_vs_dense"] = dense["stats"]["median"] / result["stats"]["median"]
+            result["speedup_per_round"] = round_ratios(dense["times_ms"], result["times_ms"])
             result["effective_gflops"] = 2 * entry["dense_macs_per_image"] * batch / seconds / 1e9
             result["useful_gflops"] = 2 * entry["useful_macs_per_image"] * batch / seconds / 1e9
             result["input2csr_share"] = result["phases_ms"].get("input2csr", 0.0) / result["stats"]["median"]
@@ -97,6 +107,7 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
                             f"{net[path]['top1_agreement']:.1%} of the images")
     for path in paths:
         net[path]["speedup_vs_dense"] = net[baseline]["stats"]["median"] / net[path]["stats"]["median"]
+        net[path]["speedup_per_round"] = round_ratios(net[baseline]["times_ms"], net[path]["times_ms"])
     return layers, net, problems
 
 
@@ -149,6 +160,12 @@ def write_csv(results: dict, path: Path) -> None:
                                  r["input2csr_share"], r["max_rel_diff"], r["agrees"]])
 
 
+def unclear(result: dict, is_baseline: bool) -> str:
+    """'~' when a path's round-by-round ratio to dense does not clearly differ from 1."""
+    verdict = result.get("speedup_per_round", {}).get("verdict")
+    return "~" if verdict == "no clear difference" and not is_baseline else ""
+
+
 def table(results: dict) -> str:
     """The terminal table: per layer, each path's median time and speedup over dense."""
     paths = list(results["params"]["paths"])
@@ -160,7 +177,7 @@ def table(results: dict) -> str:
         cells = []
         for p in paths:
             r = layer["paths"][p]
-            mark = "!" if not r["agrees"] else ""
+            mark = "!" if not r["agrees"] else unclear(r, p == paths[0])
             cells.append(f"{r['stats']['median']:8.3f} {r['speedup_vs_dense']:4.1f}x{mark}")
         if torch:
             t = layer["pytorch"]
@@ -172,7 +189,8 @@ def table(results: dict) -> str:
     net = results["net"]
     lines.append("-" * len(head))
     lines.append(f"{'whole net (ms)':<30}" + "".join(
-        f"{net[p]['stats']['median']:8.2f} {net[p]['speedup_vs_dense']:4.1f}x " for p in paths))
+        f"{net[p]['stats']['median']:8.2f} {net[p]['speedup_vs_dense']:4.1f}x"
+        f"{unclear(net[p], p == paths[0]) or ' '}" for p in paths))
     lines.append(f"{'top-1 agreement':<30}" + "".join(f"{net[p]['top1_agreement']:>14.0%} " for p in paths))
     if all("stages_ms" in net[p] for p in paths):
         lines.append(f"{'sum of layers (ms)':<30}" + "".join(
@@ -184,7 +202,8 @@ def table(results: dict) -> str:
     weights = results["weights"]
     lines.append(f"weights: {weights['kind']}{' (SYNTHETIC)' if weights['synthetic'] else ''}; "
                  f"times are medians of {results['params']['repeats']} forwards, ms; "
-                 "'!' = output differs from dense")
+                 "'!' = output differs from dense; '~' = no clear difference from dense (the "
+                 "round-by-round ratios' quartiles straddle 1)")
     for problem in results["problems"]:
         lines.append(f"WARNING: {problem}")
     return "\n".join(lines)
