@@ -121,6 +121,49 @@ def check_blas_runtime(info, threads):
                         "MKL_THREADING_LAYER=GNU (./inv bench does)".format(info["threading"]))
 
 
+PROBE_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: %d dim: %d } } }
+layer { name: "gemm" type: "InnerProduct" bottom: "data" top: "gemm"
+        inner_product_param { num_output: %d bias_term: false
+                              weight_filler { type: "gaussian" std: 0.01 } } }
+"""
+
+
+def probe_machine(caffe, size=1024, repeats=5):
+    """What the cores can reach, for each layer's lower bound t_min = max(useful multiply-adds /
+    the multiply-add rate, bytes / bandwidth): the multiply-add rate of Caffe's own dense GEMM (an
+    InnerProduct of size x size x size, through the BLAS and threads this process uses; a
+    measured lower bound of the vector FMA peak), and the memory bandwidth of a 256 MiB copy
+    (read + write, one thread)."""
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+        f.write(PROBE_NET % (size, size, size))
+    try:
+        net = caffe.Net(f.name, caffe.TEST)
+    finally:
+        os.unlink(f.name)
+    net.blobs["data"].data[...] = np.random.RandomState(0).standard_normal((size, size))
+    net.forward()
+    gemm = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        net.forward()
+        gemm.append(time.perf_counter() - start)
+    a = np.ones(64 << 20, dtype=np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    copy = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        copy.append(time.perf_counter() - start)
+    return {"macs_per_second": size ** 3 / min(gemm),
+            "bytes_per_second": 2 * a.nbytes / min(copy),
+            "method": "fastest of {} forwards of a {}^3 InnerProduct (Caffe's BLAS, this "
+                      "process's threads); fastest of {} copies of 256 MiB (numpy, read + "
+                      "write)".format(repeats, size, repeats)}
+
+
 def layer_shapes(net, names):
     shapes = {}
     bottoms = {name: net.bottom_names[name][0] for name in names}
@@ -249,6 +292,7 @@ def checked_blas_runtime(net, threads):
 def raw_result(caffe, net, layers, measured, weights, images, pytorch, blas):
     """The raw measurements as the host reads them (raw.json): the same from both routes."""
     return {"weights": weights, "images": images, "layers": layers, "pytorch": pytorch,
+            "machine_probe": probe_machine(caffe),
             "net_layers": [[name, layer.type] for name, layer in zip(net._layer_names, net.layers)],
             "blas_runtime": blas,
             "shapes": layer_shapes(net, layers), "paths": measured["paths"],

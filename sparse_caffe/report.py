@@ -33,6 +33,28 @@ def stats(values: list[float]) -> dict:
             "rounds": len(ordered)}
 
 
+def layer_limit(entry: dict, counters: dict, batch: int, probe: dict) -> dict:
+    """The layer's physical lower bound per forward: t_min = max(useful multiply-adds at the
+    measured multiply-add rate, bytes moved at the measured bandwidth). Bytes: the nonzero weights
+    (value and index, 4 bytes each), the input and the output (float32), read or written once."""
+    images = counters["calls"] or 1
+    useful = counters["useful_macs"] / images * batch
+    moved = (8 * counters["weight_nonzeros"]
+             + 4 * counters["input_elements"] / images * batch
+             + 4 * entry["num_output"] * _product(entry["output"][1:]) * batch)
+    compute_ms = useful / probe["macs_per_second"] * 1e3
+    memory_ms = moved / probe["bytes_per_second"] * 1e3
+    return {"t_min_ms": max(compute_ms, memory_ms), "compute_ms": compute_ms,
+            "memory_ms": memory_ms, "bytes": moved, "bound": "compute" if compute_ms >= memory_ms else "memory"}
+
+
+def _product(values) -> int:
+    result = 1
+    for v in values:
+        result *= v
+    return result
+
+
 def round_ratios(dense: list[float], other: list[float]) -> dict:
     """dense / other round by round (the two were timed in the same round, side by side),
     summarised; a spread that straddles 1.0 is no clear difference, not a win or a loss."""
@@ -66,8 +88,13 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
                  "input_sparsity": 1 - c["input_nonzeros"] / c["input_elements"],
                  "dense_macs_per_image": c["dense_macs"] / images,
                  "useful_macs_per_image": c["useful_macs"] / images, "paths": per_path}
+        probe = raw.get("machine_probe")
+        if probe:
+            entry["limit"] = layer_limit(entry, c, batch, probe)
         for path, result in per_path.items():
             seconds = result["stats"]["median"] / 1e3
+            if probe:
+                result["limit_fraction"] = entry["limit"]["t_min_ms"] / result["stats"]["median"]
             result["speedup_vs_dense"] = dense["stats"]["median"] / result["stats"]["median"]
             result["speedup_per_round"] = round_ratios(dense["times_ms"], result["times_ms"])
             result["effective_gflops"] = 2 * entry["dense_macs_per_image"] * batch / seconds / 1e9
@@ -142,7 +169,7 @@ def write_csv(results: dict, path: Path) -> None:
                "weight_sparsity", "input_sparsity", "dense_macs_per_image", "useful_macs_per_image",
                "median_ms", "min_ms", "q1_ms", "q3_ms", *[f"{p}_ms" for p in PHASES],
                "speedup_vs_dense", "effective_gflops", "useful_gflops", "input2csr_share",
-               "max_rel_diff", "agrees"]
+               "max_rel_diff", "agrees", "t_min_ms", "limit_fraction"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -157,7 +184,9 @@ def write_csv(results: dict, path: Path) -> None:
                                  layer["useful_macs_per_image"], s["median"], s["min"], s["q1"],
                                  s["q3"], *[r["phases_ms"].get(p, 0.0) for p in PHASES],
                                  r["speedup_vs_dense"], r["effective_gflops"], r["useful_gflops"],
-                                 r["input2csr_share"], r["max_rel_diff"], r["agrees"]])
+                                 r["input2csr_share"], r["max_rel_diff"], r["agrees"],
+                                 layer.get("limit", {}).get("t_min_ms", ""),
+                                 r.get("limit_fraction", "")])
 
 
 def unclear(result: dict, is_baseline: bool) -> str:
@@ -184,8 +213,10 @@ def table(results: dict) -> str:
             cells.append(f"{t['stats']['median']:8.3f} {t['speedup_vs_dense']:4.1f}x"
                          + ("" if t["agrees"] else "!"))
         best = max(paths, key=lambda p: layer["paths"][p]["speedup_vs_dense"])
+        at_limit = layer["paths"][best].get("limit_fraction")
         lines.append(f"{layer['name'][:18]:<18}{layer['weight_sparsity']:6.0%}{layer['input_sparsity']:6.0%}"
-                     + "".join(f"{c:>15}" for c in cells) + f"   {best}")
+                     + "".join(f"{c:>15}" for c in cells) + f"   {best}"
+                     + (f" ({at_limit:.0%} of limit)" if at_limit is not None else ""))
     net = results["net"]
     lines.append("-" * len(head))
     lines.append(f"{'whole net (ms)':<30}" + "".join(
@@ -203,7 +234,9 @@ def table(results: dict) -> str:
     lines.append(f"weights: {weights['kind']}{' (SYNTHETIC)' if weights['synthetic'] else ''}; "
                  f"times are medians of {results['params']['repeats']} forwards, ms; "
                  "'!' = output differs from dense; '~' = no clear difference from dense (the "
-                 "round-by-round ratios' quartiles straddle 1)")
+                 "round-by-round ratios' quartiles straddle 1); limit = t_min / t, t_min = "
+                 "max(useful multiply-adds at the measured GEMM rate, bytes at the measured "
+                 "bandwidth)")
     for problem in results["problems"]:
         lines.append(f"WARNING: {problem}")
     return "\n".join(lines)
