@@ -124,11 +124,13 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
         whole, layer_sum = net[path]["stats"]["median"], net[path]["layer_sum_ms"]
         net[path]["consistency_gap"] = (whole - layer_sum) / whole
         if abs(net[path]["consistency_gap"]) > CONSISTENCY_TOLERANCE:
+            why = ("time is lost outside the layers (thread pools fighting, or other processes)"
+                   if whole > layer_sum else "the same layers timed one at a time took longer "
+                   "(other processes on the cores make the timings drift)")
             problems.append(f"whole net on {path}: its layers take {layer_sum:.2f} ms one at a "
                             f"time but the whole forward {whole:.2f} ms "
-                            f"({net[path]['consistency_gap']:+.0%}): time is lost outside the "
-                            "layers (other processes, or thread pools fighting); re-run on a "
-                            "quiet machine")
+                            f"({net[path]['consistency_gap']:+.0%}): {why}; re-run on a quiet "
+                            "machine")
         if net[path]["top1_agreement"] < 1.0:
             problems.append(f"whole net on {path}: top-1 agrees with dense on "
                             f"{net[path]['top1_agreement']:.1%} of the images")
