@@ -87,13 +87,34 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
 
 
 def load(run_dir: Path) -> dict:
+    """A run's results.json; UserError in one line if it is missing, unreadable or not one."""
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise UserError(f"{run_dir} holds no results.json; give a folder written by ./inv bench")
-    data = json.loads(path.read_text())
-    if data.get("schema") != SCHEMA:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text, so not a results file of ./inv bench") from None
+    except ValueError as exc:  # empty, truncated or not JSON
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); it is "
+                        "truncated or damaged: run the benchmark again") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise UserError(f"{path} is not a {SCHEMA} results file")
+    missing = [key for key in ("params", "weights", "machine_info", "layers", "net", "problems")
+               if key not in data]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; it is incomplete: run the benchmark "
+                        "again")
     return data
+
+
+def plot_into(results: dict, out_dir: Path) -> list[Path]:
+    """plot(), with one line instead of a traceback when out_dir cannot be written."""
+    try:
+        return plot(results, out_dir)
+    except PermissionError as exc:
+        raise UserError(f"cannot write the plots into {out_dir} ({exc.strerror}); copy the run "
+                        "folder somewhere writable and report that") from None
 
 
 def write_csv(results: dict, path: Path) -> None:
@@ -230,14 +251,35 @@ def _save_per_layer(fig, ax, names: list[str], ylabel: str, title: str, path: Pa
     return path
 
 
-def compare(a: dict, b: dict) -> str:
-    """Ratios of B to A per layer and path (median times), for runs of the same net."""
+def describe_run(results: dict) -> str:
+    """One line saying which run this is and what it measured: when, weights, parameters,
+    machine and code."""
+    params, weights = results["params"], results["weights"]
+    software, machine = results.get("software", {}), results["machine_info"]
+    label = "SYNTHETIC weights" if weights.get("synthetic") else f"{weights.get('kind')} weights"
+    commit = (software.get("project_commit") or "?")[:10] + ("+dirty" if software.get("project_dirty") else "")
+    return (f"{params['net']}, {label} (sha256 {str(weights.get('sha256'))[:12]}), "
+            f"created {results.get('created', '?')}; batch {params['batch']}, "
+            f"{params['threads']} threads, {params['backend']}, {params['repeats']} forwards after "
+            f"{params['warmup']} warm-up, transform {params.get('transform')}, "
+            f"layers {params.get('layers') or 'all'}; {machine.get('cpu')}, "
+            f"{software.get('blas')}; commit {commit}")
+
+
+def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
+    """Ratios of B to A per layer and path (median times), for runs of the same net, under a
+    header saying which runs A and B are and with what parameters."""
     if a["params"]["net"] != b["params"]["net"]:
         raise UserError(f"cannot compare a {a['params']['net']} run with a {b['params']['net']} run")
     layers_b = {layer["name"]: layer for layer in b["layers"]}
     paths = [p for p in a["params"]["paths"] if p in b["params"]["paths"]]
     head = f"{'layer':<18}" + "".join(f"{p[:13]:>26}" for p in paths)
-    lines = [head, f"{'':<18}" + "".join(f"{'A ms':>9}{'B ms':>9}{'B/A':>8}" for _ in paths)]
+    differ = sorted(k for k in set(a["params"]) | set(b["params"])
+                    if k not in ("warmup_note", "timing_note")
+                    and a["params"].get(k) != b["params"].get(k))
+    lines = [f"A: {name_a}: {describe_run(a)}", f"B: {name_b}: {describe_run(b)}",
+             "parameters that differ: " + (", ".join(differ) if differ else "none"), "",
+             head, f"{'':<18}" + "".join(f"{'A ms':>9}{'B ms':>9}{'B/A':>8}" for _ in paths)]
     for layer in a["layers"]:
         other = layers_b.get(layer["name"])
         if other is None:
