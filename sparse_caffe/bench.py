@@ -253,8 +253,8 @@ def run_benchmark(build: Build, options: BenchOptions,
     elif options.backend == "mkl" and build.inputs["blas"] != "mkl":
         raise UserError("--backend mkl needs an MKL build: add --blas mkl")
     threads = run_stage.check_threads(options.threads)
-    results = results_folder()
-    for folder in remove_stale_partials(results):
+    runs = results_folder()
+    for folder in remove_stale_partials(runs):
         print(f"removed {folder}, left by an interrupted run", file=sys.stderr)
     check_memory(build, options, threads)
     if options.pytorch:
@@ -266,7 +266,7 @@ def run_benchmark(build: Build, options: BenchOptions,
               file=sys.stderr)
     load_before = warn_if_busy(threads)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    partial = results / f"{PARTIAL_PREFIX}{options.net}-{stamp}-{os.getpid()}"
+    partial = runs / f"{PARTIAL_PREFIX}{options.net}-{stamp}-{os.getpid()}"
     partial.mkdir()
     try:
         claim_partial(partial)
@@ -307,11 +307,11 @@ def run_benchmark(build: Build, options: BenchOptions,
         (partial / "raw.json").unlink()
         (partial / OWNER_FILE).unlink()
         kind = weights["kind"]
-        final = results / f"{options.net}-{kind}-{stamp}"
+        final = runs / f"{options.net}-{kind}-{stamp}"
         suffix = 1
         while final.exists():  # never overwrite an earlier run
             suffix += 1
-            final = results / f"{options.net}-{kind}-{stamp}-{suffix}"
+            final = runs / f"{options.net}-{kind}-{stamp}-{suffix}"
         partial.rename(final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
