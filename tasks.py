@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 import time
 from functools import wraps
@@ -12,13 +14,14 @@ from invoke.exceptions import Exit
 
 from sparse_caffe import bench as bench_stage
 from sparse_caffe import build as build_stage
+from sparse_caffe import cache as cache_stage
 from sparse_caffe import docker_route
 from sparse_caffe import render as render_stage
 from sparse_caffe import report as report_stage
 from sparse_caffe import run as run_stage
 from sparse_caffe import source as source_stage
 from sparse_caffe import weights as weights_stage
-from sparse_caffe.config import BuildOptions, PROJECT_ROOT, cache_dir
+from sparse_caffe.config import BuildOptions, PROJECT_ROOT, cache_dir, user_path
 from sparse_caffe.errors import UserError
 
 SOURCE_HELP = "local Caffe source: Debian's .dsc or orig tarball, GitHub's tarball, or a folder"
@@ -27,14 +30,32 @@ DOCKER_BUILD_HELP = ("build the Docker image instead (Ubuntu 18.04; needs a Dock
                      "builds reach the internet)")
 
 
+class Terminated(BaseException):
+    """SIGTERM (`timeout`, `kill`), raised like Ctrl-C's KeyboardInterrupt so that children are
+    killed and half-written folders removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def user_errors(fn):
-    """Turn a UserError into one line on stderr and exit status 1, never a traceback."""
+    """Turn a UserError (or a file system error) into one line on stderr and exit status 1,
+    never a traceback; SIGTERM stops the task as Ctrl-C does (exit 143)."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
             raise Exit(f"error: {exc}", code=1) from None
+        except Terminated:
+            raise Exit("error: stopped by SIGTERM; nothing half-made was left behind",
+                       code=143) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise Exit(f"error: {where}{exc.strerror or exc}; check that this path exists and can "
+                       "be written", code=1) from None
     return wrapper
 
 
@@ -87,7 +108,7 @@ def test(c, blas="openblas", caffe_source=None, k=None, unit=False):
         env["SPARSE_CAFFE_BUILD"] = str(result.root)
         paths.append("caffe_tests")
     args = [sys.executable, "-m", "pytest", *paths] + (["-k", k] if k else [])
-    c.run(" ".join(args), env=env, pty=False, echo=True)
+    c.run(shlex.join(args), env=env, pty=False, echo=True)  # -k "a or b" reaches pytest whole
 
 
 @task(help={"net": "caffenet or resnet50 (resnet50-dense is the unpruned starting model)",
@@ -97,9 +118,10 @@ def test(c, blas="openblas", caffe_source=None, k=None, unit=False):
 def fetch_weights(c, net, weights=None, allow_dense=False):
     """Download SkimCaffe's pruned weights (needs the internet), verify them by git blob id, cache them."""
     if weights:
-        path = weights_stage.place(net, Path(weights), cache_dir(), allow_dense=allow_dense)
+        path = weights_stage.place(net, user_path(weights), cache_stage.prepare(),
+                                   allow_dense=allow_dense)
     else:
-        path = weights_stage.fetch(net, cache_dir(), allow_dense=allow_dense,
+        path = weights_stage.fetch(net, cache_stage.prepare(), allow_dense=allow_dense,
                                    progress=weights_progress())
     print(path)
 
@@ -126,20 +148,25 @@ def inspect(c, net, weights="auto", images=None, batch=1, blas="openblas", json=
     """Per-layer sparsity report: shapes, weight and measured input sparsity, dense/useful MACs."""
     from sparse_caffe import nets
     nets.net_info(net)
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    target = run_stage.inspect_target(net, json)
     result = build_stage.build(BuildOptions(blas=blas))
-    print(run_stage.inspect(result, net, weights, images, batch, json))
+    print(run_stage.inspect(result, net, bench_stage.user_weights(weights),
+                            bench_stage.user_images(images), batch, target))
 
 
 @task(help={"blas": BLAS_HELP, "shape": "layer shape (default res5_branch2b)",
-            "threads": "OpenMP/BLAS/MKL threads (default: all cores)",
+            "threads": "OpenMP/BLAS/MKL threads (default: every core; at most 4 per core)",
             "weight_zeros": "fraction of zero weights (default 0.98)",
             "input_zeros": "fraction of zero inputs (default 0.5)", "repeats": "measured forwards"})
 @user_errors
 def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zeros=0.98,
                 input_zeros=0.5, repeats=30):
     """Time one synthetic convolution layer on every forward path, side by side (not a test)."""
+    run_stage.bench_layer_check(shape, threads, weight_zeros, input_zeros, repeats)
     result = build_stage.build(BuildOptions(blas=blas))
-    print(run_stage.bench_layer(result, shape=shape, threads=threads or os.cpu_count(),
+    print(run_stage.bench_layer(result, shape=shape, threads=threads,
                                 weight_zeros=weight_zeros, input_zeros=input_zeros,
                                 repeats=repeats))
 
@@ -151,7 +178,7 @@ def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zer
             "paths": "comma list of forward paths (default: all; dense is always measured)",
             "backend": "sparse back end: openmp (default) or mkl (needs --blas mkl)",
             "blas": BLAS_HELP, "batch": "images per forward (default 1)",
-            "threads": "OpenMP/BLAS/MKL threads (default: every core)",
+            "threads": "OpenMP/BLAS/MKL threads (default: every core; at most 4 per core)",
             "images": "a folder of images, or how many shipped photographs (default: all)",
             "repeats": "measured forwards per path (default 20)",
             "warmup": "unmeasured forwards first (default 3)",
@@ -167,9 +194,10 @@ def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="op
           transform="fold", pytorch=False, docker=False):
     """Benchmark every convolution of a net on every forward path; write results/<run>/."""
     options = bench_stage.BenchOptions(
-        net=net, weights=weights, paths=bench_stage.parse_paths(paths), backend=backend,
-        batch=batch, threads=threads, images=images, repeats=repeats, warmup=warmup,
-        layers=layers, transform=transform, pytorch=pytorch)
+        net=net, weights=bench_stage.user_weights(weights), paths=bench_stage.parse_paths(paths),
+        backend=backend, batch=batch, threads=threads, images=bench_stage.user_images(images),
+        repeats=repeats, warmup=warmup, layers=layers, transform=transform, pytorch=pytorch)
+    bench_stage.results_folder()  # writable, before anything is built
     if backend == "mkl" and blas != "mkl":
         raise UserError("--backend mkl needs an MKL build: add --blas mkl")
     # With --docker: the image first (no engine, no image: one line, nothing built); the native
@@ -183,8 +211,9 @@ def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="op
 @user_errors
 def report(c, run_dir):
     """Re-draw a run's plots from its results.json and print its table."""
-    results = report_stage.load(Path(run_dir))
-    for path in report_stage.plot(results, Path(run_dir)):
+    folder = user_path(run_dir)
+    results = report_stage.load(folder)
+    for path in report_stage.plot_into(results, folder):
         print(path)
     print(report_stage.table(results))
 
@@ -205,14 +234,22 @@ def check_baseline(c, run_dir, forwards=30):
 @user_errors
 def compare(c, run_a, run_b):
     """Print per-layer times of two runs side by side, with ratios B/A."""
-    print(report_stage.compare(report_stage.load(Path(run_a)), report_stage.load(Path(run_b))))
+    a, b = user_path(run_a), user_path(run_b)
+    print(report_stage.compare(report_stage.load(a), report_stage.load(b), a.name, b.name))
 
 
-@task(help={"all": "also remove fetched sources, downloads and ccache, not only build trees"})
+@task(help={"all": "also every other clone's builds, and the fetched sources, downloads, "
+                   "weights and ccache: every cache folder sparse-caffe created"})
+@user_errors
 def clean(c, all=False):
-    """Remove build trees from the cache (with --all: everything the cache holds)."""
-    target = cache_dir() if all else build_stage.builds_root()
-    c.run(f"rm -rf {target}", echo=True)
+    """Remove this clone's build trees from the cache (with --all: everything sparse-caffe put there)."""
+    done = cache_stage.clean(everything=all)
+    for folder in done.removed:
+        print(f"removed {folder}")
+    for folder, why in done.kept:
+        print(f"kept {folder}: {why}", file=sys.stderr)
+    if not done.removed:
+        print(f"nothing to remove in {cache_dir()}")
 
 
 namespace = Collection(fetch, render, build, test, fetch_weights, inspect, bench, report,

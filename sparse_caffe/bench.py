@@ -20,10 +20,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import docker_route, machine, measure, nets, render, report
+from . import docker_route, machine, measure, memory, nets, render, report
 from . import run as run_stage
 from .build import Build
-from .config import CAFFE, PROJECT_ROOT, BuildOptions, cache_dir, results_dir
+from .config import (CAFFE, PROJECT_ROOT, BuildOptions, cache_dir, results_dir, user_path,
+                     writable_folder)
 from .errors import UserError
 
 PATHS = ("dense", "spmdm", "sparse_sparse", "sparse_output")
@@ -51,6 +52,10 @@ class BenchOptions:
         unknown = [p for p in self.paths if p not in PATHS]
         if unknown or not self.paths:
             raise UserError(f"unknown path {', '.join(unknown) or '(none)'}: choose from {', '.join(PATHS)}")
+        twice = sorted({p for p in self.paths if self.paths.count(p) > 1})
+        if twice:
+            raise UserError(f"--paths names {', '.join(twice)} more than once (dense is always "
+                            "measured, first): give each path once")
         if self.paths[0] != "dense":
             raise UserError("--paths must start with dense: every ratio is measured against it")
         if self.backend not in BACKENDS:
@@ -60,8 +65,9 @@ class BenchOptions:
         for name in ("batch", "repeats"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.threads < 0:
-            raise UserError("--warmup and --threads cannot be negative")
+        if self.warmup < 0:
+            raise UserError(f"--warmup cannot be negative, got {self.warmup}")
+        run_stage.check_threads(self.threads)
         if self.layers:
             try:
                 re.compile(self.layers)
@@ -75,6 +81,22 @@ class BenchOptions:
         if isinstance(self.images, str) and self.images.isdigit():
             return int(self.images)
         return self.images
+
+
+WEIGHT_KEYWORDS = ("auto", "skimcaffe", "synthetic", "pruned", "unpruned")
+
+
+def user_weights(text: str) -> str:
+    """--weights as the runner takes it: a keyword, or a file's absolute path (a relative one is
+    taken from where the user ran ./inv)."""
+    return text if text in WEIGHT_KEYWORDS else str(user_path(text))
+
+
+def user_images(text: str | int | None) -> str | None:
+    """--images as the runner takes it: None, a count, or a folder's absolute path."""
+    if text is None or isinstance(text, int) or str(text).isdigit():
+        return None if text is None else str(text)
+    return str(user_path(text))
 
 
 def parse_paths(text: str) -> tuple[str, ...]:
@@ -159,6 +181,70 @@ def measure_in_docker(build: Build, image: docker_route.Image, partial: Path,
     return {**project_info(), **docker_route.software_info(image, environment)}
 
 
+def check_memory(build: Build, options: BenchOptions, threads: int) -> None:
+    """Refuse, in one line and before anything is prepared, a batch whose blobs cannot fit in the
+    memory available (the estimate: sparse_caffe.memory)."""
+    available = memory.available_bytes()
+    if available is None:
+        return
+    result = run_stage.pycaffe(build, "memory", [options.net], 1, capture_stderr=True,
+                               capture_stdout=True)
+    run_stage.raise_for(result, "estimating the memory the run needs")
+    facts = json.loads(result.stdout)
+    images = options.image_source if isinstance(options.image_source, int) else 6
+    needed = memory.needed_bytes(facts, options.batch, images)
+    if needed > available:
+        step = memory.needed_bytes(facts, 2, images) - memory.needed_bytes(facts, 1, images)
+        base = memory.needed_bytes(facts, 1, images) - step  # needed_bytes is linear in batch
+        fits = max(1, (available - base) // step)
+        raise UserError(f"--batch {options.batch} needs about {needed / 2**30:.1f} GiB for "
+                        f"{options.net} ({facts['blob_bytes_per_image'] / 2**20:.0f} MiB of blobs "
+                        f"per image, twice over for the sparse paths' copies), but only "
+                        f"{available / 2**30:.1f} GiB is available: use --batch {fits} or less")
+
+
+def results_folder() -> Path:
+    """The results folder, created if needed; one line if it cannot be written."""
+    return writable_folder(results_dir(), "the results folder (SPARSE_CAFFE_RESULTS)")
+
+
+PARTIAL_PREFIX = ".partial-"
+OWNER_FILE = "owner.json"  # in a partial folder: the process assembling it
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (clock ticks since boot), None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def claim_partial(folder: Path) -> None:
+    """Record in a new partial folder which process assembles it (host, pid, start time)."""
+    pid = os.getpid()
+    (folder / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": pid,
+                                                 "start": _process_start(pid)}) + "\n")
+
+
+def remove_stale_partials(results: Path) -> list[Path]:
+    """Remove partial run folders whose owner (on this host) is gone: a run killed with -9, or
+    the machine's power. Folders without an owner record, or another host's, are left alone."""
+    removed = []
+    for folder in results.glob(f"{PARTIAL_PREFIX}*"):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text())
+            mine = owner["host"] == os.uname().nodename
+            alive = _process_start(int(owner["pid"])) == owner["start"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if mine and not alive and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def run_benchmark(build: Build, options: BenchOptions,
                   image: docker_route.Image | None = None) -> Path:
     """Run the benchmark (natively, or timed in a container of `image`) into a new folder."""
@@ -166,15 +252,24 @@ def run_benchmark(build: Build, options: BenchOptions,
         check_docker(options, image.blas)
     elif options.backend == "mkl" and build.inputs["blas"] != "mkl":
         raise UserError("--backend mkl needs an MKL build: add --blas mkl")
+    threads = run_stage.check_threads(options.threads)
+    runs = results_folder()
+    for folder in remove_stale_partials(runs):
+        print(f"removed {folder}, left by an interrupted run", file=sys.stderr)
+    check_memory(build, options, threads)
     if options.pytorch:
         ensure_torch()
-    threads = options.threads or os.cpu_count() or 1
+    run_stage.warn_oversubscribed(threads)
+    if options.warmup == 0:
+        print("warning: --warmup 0: the first measured forward of each path includes one-time "
+              "work (the weights' CSR, buffers, thread start-up) and can be many times slower",
+              file=sys.stderr)
     load_before = warn_if_busy(threads)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    results_dir().mkdir(parents=True, exist_ok=True)
-    partial = results_dir() / f".partial-{options.net}-{stamp}-{os.getpid()}"
+    partial = runs / f"{PARTIAL_PREFIX}{options.net}-{stamp}-{os.getpid()}"
     partial.mkdir()
     try:
+        claim_partial(partial)
         spec = {**asdict(options), "images": options.image_source, "cache_dir": str(cache_dir())}
         (partial / "spec.json").write_text(json.dumps(spec))
         # Progress goes straight to the terminal; errors come back as one line.
@@ -214,12 +309,13 @@ def run_benchmark(build: Build, options: BenchOptions,
         report.plot(results, partial)
         (partial / "spec.json").unlink()
         (partial / "raw.json").unlink()
+        (partial / OWNER_FILE).unlink()
         kind = weights["kind"]
-        final = results_dir() / f"{options.net}-{kind}-{stamp}"
+        final = runs / f"{options.net}-{kind}-{stamp}"
         suffix = 1
         while final.exists():  # never overwrite an earlier run
             suffix += 1
-            final = results_dir() / f"{options.net}-{kind}-{stamp}-{suffix}"
+            final = runs / f"{options.net}-{kind}-{stamp}-{suffix}"
         partial.rename(final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

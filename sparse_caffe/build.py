@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import render
+from . import cache, render
 from .config import PROJECT_ROOT, BuildOptions, cache_dir
 from .errors import UserError
 from .shell import run_logged, say, step
@@ -256,8 +256,8 @@ def smoke_test(build: Build, log: Path) -> None:
 def build(options: BuildOptions, caffe_source: str | None = None) -> Build:
     """Build (or find already built) Caffe + pycaffe + Caffe's gtests for these options."""
     started = time.monotonic()
+    cache.prepare()
     scratch_log = cache_dir() / "logs" / "build-prepare.log"
-    scratch_log.parent.mkdir(parents=True, exist_ok=True)
     total = 6
     with step("Debian packages", 1, total):
         install_apt_packages(scratch_log)
@@ -273,7 +273,9 @@ def build(options: BuildOptions, caffe_source: str | None = None) -> Build:
     if done.is_file():
         say(f"up to date: {root} (nothing to do)")
         return Build(root=root, key=key, inputs=inputs)
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        root.mkdir(parents=True)
+        cache.mark_build(root)  # ./inv clean removes only folders that say they are this clone's
     log = root / "build.log"
     (root / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
     say(f"building into {root}; log: {log}")

@@ -147,16 +147,54 @@ CONV_TEMPLATE_CONFIG = ConvTemplateConfig()
 CAFFE = CaffePin()
 
 
+# The folder the user ran ./inv from (./inv exports it before changing to the project root):
+# relative paths the user gives (--images pics, SPARSE_CAFFE_RESULTS=myres) mean paths from there.
+CALLER_CWD_ENV = "SPARSE_CAFFE_CALLER_CWD"
+
+
+def caller_cwd() -> Path:
+    """The user's working directory: $SPARSE_CAFFE_CALLER_CWD, else this process's (invoke run
+    directly from the project folder, or a child process that inherited the variable)."""
+    return Path(os.environ.get(CALLER_CWD_ENV) or os.getcwd())
+
+
+def user_path(text: str | os.PathLike) -> Path:
+    """A path the user typed, absolute: `~` expanded, a relative one taken from caller_cwd()."""
+    path = Path(text).expanduser()
+    return Path(os.path.normpath(caller_cwd() / path)) if not path.is_absolute() else path
+
+
 def results_dir() -> Path:
     """Where benchmark runs are written: results/ in the repo, or $SPARSE_CAFFE_RESULTS."""
     configured = os.environ.get("SPARSE_CAFFE_RESULTS")
-    return Path(configured).expanduser().resolve() if configured else PROJECT_ROOT / "results"
+    return user_path(configured).resolve() if configured else PROJECT_ROOT / "results"
 
 
 def cache_dir() -> Path:
     """Where fetched sources, build trees and ccache live: outside the repo, shared by clones."""
     configured = os.environ.get("SPARSE_CAFFE_CACHE")
     if configured:
-        return Path(configured).expanduser().resolve()
+        return user_path(configured).resolve()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "sparse-caffe"
+
+
+def writable_folder(folder: Path, what: str) -> Path:
+    """Create `folder` if needed and check that files can be written in it; UserError naming it
+    and `what` it is for (e.g. "the results folder (SPARSE_CAFFE_RESULTS)") otherwise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder} is a file, not a folder; remove it or choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {folder}: {exc.strerror or exc}; choose a path "
+                        "you can write to") from None
+    probe = folder / f".sparse-caffe-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write into {what} {folder}: {exc.strerror or exc}; choose a path "
+                        "you can write to") from None
+    return folder

@@ -138,12 +138,43 @@ def shipped_photos(count: int | None = None) -> list[RawImage]:
             for name, load in list(SHIPPED_PHOTOS.items())[:count]]
 
 
+# Larger images are refused (a warning, and the file is skipped): they are warped to 256 x 256
+# anyway, and decoding one costs ~13 bytes a pixel on the way to float32 RGB (25 megapixels, a
+# 6000 x 4000 camera picture, about 1 GB at the peak). A larger JPEG is decoded at 1/2 to 1/8
+# scale instead (PIL's draft mode), as small as keeps 512 pixels a side.
+MAX_PIXELS = 25_000_000
+
+
 def read_image(path: Path) -> np.ndarray:
-    """A file as float32 RGB in 0..1; ValueError with the reason if it is not a readable image."""
+    """A file as float32 RGB in 0..1; ValueError with the reason if it is not a readable image.
+
+    16-bit images are scaled to 0..1 from their full 16-bit range (never clipped at 255); an
+    image above MAX_PIXELS is refused, or for a JPEG decoded at 1/2, 1/4 or 1/8 scale."""
+    import warnings
+
     from PIL import Image
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # PIL's own warning for images above its limit; ours is lower and says what to do.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                if image.format != "JPEG":
+                    raise ValueError(f"{width} x {height} pixels is more than the "
+                                     f"{MAX_PIXELS // 1_000_000} megapixels read; scale it down "
+                                     "first (it is warped to 256 x 256 anyway)")
+                scale = 2  # the smallest that fits, then smaller while both sides keep 512
+                while scale < 8 and (width * height / scale ** 2 > MAX_PIXELS
+                                     or min(width, height) / (2 * scale) >= 512):
+                    scale *= 2
+                image.draft("RGB", (width // scale, height // scale))
+                print(f"note: {path}: {width} x {height} pixels, decoded at 1/{scale} scale",
+                      file=sys.stderr)
             image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                return _sixteen_bit_rgb(np.asarray(image))
             # Like caffe.io.load_image: grey repeated, alpha dropped (not composited), palette
             # expanded; no EXIF rotation (Caffe applies none either).
             rgb = image.convert("RGB")
@@ -151,6 +182,15 @@ def read_image(path: Path) -> np.ndarray:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ValueError(reason) from None
     return to_float_rgb(np.asarray(rgb))
+
+
+def _sixteen_bit_rgb(array: np.ndarray) -> np.ndarray:
+    """A 16-bit grey image (PIL mode I;16 or I) as float32 RGB in 0..1, as load_image gives an
+    8-bit one (skimage reads 16-bit files the same way: divided by 65535)."""
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise ValueError("32-bit integer pixels; save it as an 8- or 16-bit image")
+    grey = (array.astype(np.float64) / 65535.0).astype(np.float32)
+    return np.repeat(grey[:, :, np.newaxis], 3, axis=2)
 
 
 def read_folder(folder: Path) -> list[RawImage]:

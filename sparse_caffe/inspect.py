@@ -101,7 +101,12 @@ def load_weights(net_name: str, weights_path: Path, batch: int, caffe_source: Pa
     with tempfile.TemporaryDirectory(prefix="sparse-caffe-inspect-") as folder:
         prototxt = Path(folder) / f"{net_name}.prototxt"
         prototxt.write_text(text)
-        net = caffe.Net(str(prototxt), str(weights_path), caffe.TEST)
+        net = caffe.Net(str(prototxt), caffe.TEST)
+    # The benchmark's check: an empty, random or other net's file is refused in one line here
+    # (Caffe would abort with a stack, or leave the layers it does not name at zero).
+    from .bench_runner import check_weights_fit
+    check_weights_fit(caffe, net, weights_path)
+    net.copy_from(str(weights_path))
     return text, net
 
 

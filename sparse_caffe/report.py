@@ -157,13 +157,34 @@ def layer_breakdown(net_layers: list, layer_times: dict) -> dict:
 
 
 def load(run_dir: Path) -> dict:
+    """A run's results.json; UserError in one line if it is missing, unreadable or not one."""
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise UserError(f"{run_dir} holds no results.json; give a folder written by ./inv bench")
-    data = json.loads(path.read_text())
-    if data.get("schema") != SCHEMA:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text, so not a results file of ./inv bench") from None
+    except ValueError as exc:  # empty, truncated or not JSON
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); it is "
+                        "truncated or damaged: run the benchmark again") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise UserError(f"{path} is not a {SCHEMA} results file")
+    missing = [key for key in ("params", "weights", "machine_info", "layers", "net", "problems")
+               if key not in data]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; it is incomplete: run the benchmark "
+                        "again")
     return data
+
+
+def plot_into(results: dict, out_dir: Path) -> list[Path]:
+    """plot(), with one line instead of a traceback when out_dir cannot be written."""
+    try:
+        return plot(results, out_dir)
+    except PermissionError as exc:
+        raise UserError(f"cannot write the plots into {out_dir} ({exc.strerror}); copy the run "
+                        "folder somewhere writable and report that") from None
 
 
 def write_csv(results: dict, path: Path) -> None:
@@ -214,8 +235,8 @@ def table(results: dict) -> str:
             t = layer["pytorch"]
             cells.append(f"{t['stats']['median']:8.3f} {t['speedup_vs_dense']:4.1f}x"
                          + ("" if t["agrees"] else "!"))
-        best = max(paths, key=lambda p: layer["paths"][p]["speedup_vs_dense"])
-        at_limit = layer["paths"][best].get("limit_fraction")
+        best = max(series(results), key=lambda p: _layer_result(layer, p)["speedup_vs_dense"])
+        at_limit = _layer_result(layer, best).get("limit_fraction")
         lines.append(f"{layer['name'][:18]:<18}{layer['weight_sparsity']:6.0%}{layer['input_sparsity']:6.0%}"
                      + "".join(f"{c:>15}" for c in cells) + f"   {best}"
                      + (f" ({at_limit:.0%} of limit)" if at_limit is not None else ""))
@@ -244,91 +265,188 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+LAYERS_PER_ROW = 14  # per-layer charts wrap into rows of this many layers
+TORCH_COLOUR = "tab:gray"
+DPI = 110
+
+
+def series(results: dict) -> list[str]:
+    """What the per-layer charts draw: the forward paths, then PyTorch when it was timed."""
+    torch = bool(results["layers"]) and all("pytorch" in layer for layer in results["layers"])
+    return list(results["params"]["paths"]) + (["pytorch"] if torch else [])
+
+
+def _layer_result(layer: dict, name: str) -> dict:
+    return layer["pytorch"] if name == "pytorch" else layer["paths"][name]
+
+
+def plot_title(results: dict) -> str:
+    params, weights = results["params"], results["weights"]
+    label = "SYNTHETIC weights" if weights.get("synthetic") else f"{weights['kind']} weights"
+    return (f"{params['net']}, {label}, batch {params['batch']}, {params['threads']} threads, "
+            f"{params['backend']} back end - {results['machine_info']['cpu']}")
+
+
 def plot(results: dict, out_dir: Path) -> list[Path]:
-    """The three charts, as PNG files in out_dir."""
+    """The charts, as PNG files in out_dir: per-layer times, and (when a sparse path or PyTorch
+    was measured) speedups per layer and against sparsity. A dense-only run draws no empty chart."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = results["layers"]
-    names = [layer["name"] for layer in layers]
-    paths = list(results["params"]["paths"])
-    title = (f"{results['params']['net']} ({results['weights']['kind']}"
-             f"{', SYNTHETIC weights' if results['weights']['synthetic'] else ''}), batch "
-             f"{results['params']['batch']}, {results['params']['threads']} threads, "
-             f"{results['params']['backend']} - {results['machine_info']['cpu']}")
-    written = []
-    x = list(range(len(names)))
-    width = 0.8 / len(paths)
+    drawn = series(results)
+    others = drawn[1:]
+    title = plot_title(results)
+    written = [_per_layer_chart(results, drawn, "time", out_dir / "layer_times.png", title)]
+    if not others or not layers:
+        return written
+    written.append(_per_layer_chart(results, others, "speedup", out_dir / "speedup.png", title))
 
-    # 1. the seed study's chart: time per layer; sparse paths stacked input2CSR (red) + rest.
-    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.5), 5))
-    for i, p in enumerate(paths):
-        xs = [v + (i - (len(paths) - 1) / 2) * width for v in x]
-        medians = [layer["paths"][p]["stats"]["median"] for layer in layers]
-        if p in ("sparse_sparse", "sparse_output"):
-            conversion = [layer["paths"][p]["phases_ms"].get("input2csr", 0.0) for layer in layers]
-            rest = [m - c for m, c in zip(medians, conversion)]
-            ax.bar(xs, conversion, width, color="tab:red",
-                   label="input2CSR" if p == "sparse_sparse" or "sparse_sparse" not in paths else None)
-            ax.bar(xs, rest, width, bottom=conversion, color=PATH_COLOURS.get(p),
-                   label=f"{p} (multiply and rest)")
-        else:
-            ax.bar(xs, medians, width, color=PATH_COLOURS.get(p), label=p)
-    written.append(_save_per_layer(fig, ax, names, "median time per forward (ms)", title,
-                                   out_dir / "layer_times.png"))
-
-    # 2. speedup over dense per layer and path.
-    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.5), 5))
-    for i, p in enumerate(paths[1:], start=1):
-        xs = [v + (i - len(paths) / 2) * width for v in x]
-        ax.bar(xs, [layer["paths"][p]["speedup_vs_dense"] for layer in layers], width,
-               color=PATH_COLOURS.get(p), label=p)
-    ax.axhline(1.0, color="black", linewidth=1)
-    written.append(_save_per_layer(fig, ax, names, "speedup over dense (same run)", title,
-                                   out_dir / "speedup.png"))
-
-    # 3. speedup against measured input sparsity and weight sparsity.
+    sparse = [p for p in others if p != "pytorch"]
+    if not sparse:
+        return written
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, key, label in ((axes[0], "input_sparsity", "measured input sparsity (zeros)"),
                            (axes[1], "weight_sparsity", "weight sparsity (zeros)")):
-        for p in paths[1:]:
+        for p in sparse:
             ax.scatter([layer[key] for layer in layers],
                        [layer["paths"][p]["speedup_vs_dense"] for layer in layers],
                        color=PATH_COLOURS.get(p), label=p, s=18)
         ax.axhline(1.0, color="black", linewidth=1)
         ax.set_xlabel(label)
-    axes[0].set_ylabel("speedup over dense")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=8)
+    axes[0].set_ylabel("speedup over dense (same run)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     written.append(out_dir / "speedup_vs_sparsity.png")
-    fig.savefig(written[-1], dpi=120)
+    fig.savefig(written[-1], dpi=DPI)
     plt.close(fig)
     return written
 
 
-def _save_per_layer(fig, ax, names: list[str], ylabel: str, title: str, path: Path) -> Path:
-    """Label a per-layer bar chart (one tick per layer), save it as PNG, close it."""
+def _per_layer_chart(results: dict, names: list[str], kind: str, path: Path, title: str) -> Path:
+    """Bars per layer for each of `names`, in rows of LAYERS_PER_ROW layers, each row with its
+    own scale. kind "time": median ms, sparse paths stacked as input2CSR (red) + the rest (the
+    seed study's chart); "speedup": speedup over dense. A bar far above the rest of its row (conv1
+    on the sparse paths) is cut at the row's scale and its value written at the top."""
     import matplotlib.pyplot as plt
-    ax.set_xticks(list(range(len(names))), names, rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from matplotlib.patches import Patch
+
+    layers = results["layers"]
+    rows = [layers[i:i + LAYERS_PER_ROW] for i in range(0, len(layers), LAYERS_PER_ROW)] or [[]]
+    columns = max(1, min(LAYERS_PER_ROW, len(layers)))
+    fig, axes = plt.subplots(len(rows), 1, squeeze=False,
+                             figsize=(min(13, max(8, 1.5 + 0.85 * columns)), 0.9 + 2.6 * len(rows)))
+    width = 0.8 / len(names)
+    stacked = kind == "time"
+    cuts = []
+    every = [_value(_layer_result(layer, n), kind) for layer in layers for n in names]
+    low, top = min([v for v in every if v > 0] + [1.0]), max(every + [1.0])  # speedup: one scale
+    for ax, row in zip(axes[:, 0], rows):
+        heights = {n: [_value(_layer_result(layer, n), kind) for layer in row] for n in names}
+        # speedups: a log scale around 1 (bars up are faster than dense, down slower), uncut
+        cap = _row_cap([h for hs in heights.values() for h in hs]) if stacked else top
+        for i, n in enumerate(names):
+            xs = [x + (i - (len(names) - 1) / 2) * width for x in range(len(row))]
+            colour = TORCH_COLOUR if n == "pytorch" else PATH_COLOURS.get(n)
+            values = [min(h, cap) for h in heights[n]]
+            if stacked and n in ("sparse_sparse", "sparse_output"):
+                conversion = [min(layer["paths"][n]["phases_ms"].get("input2csr", 0.0), v)
+                              for layer, v in zip(row, values)]
+                ax.bar(xs, conversion, width, color="tab:red")
+                ax.bar(xs, [v - c for v, c in zip(values, conversion)], width, bottom=conversion,
+                       color=colour)
+            elif stacked:
+                ax.bar(xs, values, width, color=colour)
+            else:
+                ax.bar(xs, [v - 1 for v in values], width, bottom=1, color=colour)
+            for x, h in zip(xs, heights[n]):
+                cuts.append(h > cap)
+                if h > cap:
+                    ax.text(x, cap, f"{h:.0f}" if h >= 10 else f"{h:.1f}", ha="center",
+                            va="bottom", fontsize=7, rotation=90)
+        if stacked:
+            ax.set_ylim(0, cap * 1.18)
+        else:
+            ax.set_yscale("log")
+            ax.set_ylim(low / 1.3, cap * 1.3)
+            ticks = [t for t in (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
+                     if low / 1.3 <= t <= cap * 1.3]
+            ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+            ax.minorticks_off()
+            ax.axhline(1.0, color="black", linewidth=1)
+        ax.set_xlim(-0.6, columns - 0.4)
+        ax.set_xticks(list(range(len(row))), [layer["name"] for layer in row], rotation=30,
+                      ha="right", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.set_ylabel("median ms" if stacked else "speedup", fontsize=9)
+        ax.grid(axis="y", linewidth=0.4, alpha=0.5)
+    handles = []
+    for n in names:
+        label = f"{n} (multiply and rest)" if stacked and n in ("sparse_sparse", "sparse_output") else n
+        handles.append(Patch(color=TORCH_COLOUR if n == "pytorch" else PATH_COLOURS.get(n),
+                             label=label if n != "pytorch" else "PyTorch (dense, CPU)"))
+    if stacked and {"sparse_sparse", "sparse_output"} & set(names):
+        handles.append(Patch(color="tab:red", label="input2CSR"))
+    what = ("median time per forward, per layer (ms)" if stacked
+            else "speedup over dense per layer, measured in the same run (log scale: above 1x "
+                 "faster than dense, below slower)")
+    if any(cut for cut in cuts):
+        what += "; a bar cut at the top of its row is labelled with its value"
+    height = fig.get_figheight()
+    fig.suptitle(f"{what}\n{title}", fontsize=10, y=1 - 0.05 / height)
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1 - 0.5 / height))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.65 / height))
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
 
-def compare(a: dict, b: dict) -> str:
-    """Ratios of B to A per layer and path (median times), for runs of the same net."""
+def _value(result: dict, kind: str) -> float:
+    return result["stats"]["median"] if kind == "time" else result["speedup_vs_dense"]
+
+
+def _row_cap(values: list[float]) -> float:
+    """The top of a row's scale: its tallest bar, unless that is over 5 times the row's median
+    bar (an outlier such as conv1 on a sparse path, flattening the rest); then 4 times it."""
+    ordered = sorted(v for v in values if v > 0)
+    if not ordered:
+        return 1.0
+    median = statistics.median(ordered)
+    return ordered[-1] if ordered[-1] <= 5 * median else 4 * median
+
+
+def describe_run(results: dict) -> str:
+    """One line saying which run this is and what it measured: when, weights, parameters,
+    machine and code."""
+    params, weights = results["params"], results["weights"]
+    software, machine = results.get("software", {}), results["machine_info"]
+    label = "SYNTHETIC weights" if weights.get("synthetic") else f"{weights.get('kind')} weights"
+    commit = (software.get("project_commit") or "?")[:10] + ("+dirty" if software.get("project_dirty") else "")
+    return (f"{params['net']}, {label} (sha256 {str(weights.get('sha256'))[:12]}), "
+            f"created {results.get('created', '?')}; batch {params['batch']}, "
+            f"{params['threads']} threads, {params['backend']}, {params['repeats']} forwards after "
+            f"{params['warmup']} warm-up, transform {params.get('transform')}, "
+            f"layers {params.get('layers') or 'all'}; {machine.get('cpu')}, "
+            f"{software.get('blas')}; commit {commit}")
+
+
+def compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
+    """Ratios of B to A per layer and path (median times), for runs of the same net, under a
+    header saying which runs A and B are and with what parameters."""
     if a["params"]["net"] != b["params"]["net"]:
         raise UserError(f"cannot compare a {a['params']['net']} run with a {b['params']['net']} run")
     layers_b = {layer["name"]: layer for layer in b["layers"]}
     paths = [p for p in a["params"]["paths"] if p in b["params"]["paths"]]
     head = f"{'layer':<18}" + "".join(f"{p[:13]:>26}" for p in paths)
-    lines = [head, f"{'':<18}" + "".join(f"{'A ms':>9}{'B ms':>9}{'B/A':>8}" for _ in paths)]
+    differ = sorted(k for k in set(a["params"]) | set(b["params"])
+                    if k not in ("warmup_note", "timing_note")
+                    and a["params"].get(k) != b["params"].get(k))
+    lines = [f"A: {name_a}: {describe_run(a)}", f"B: {name_b}: {describe_run(b)}",
+             "parameters that differ: " + (", ".join(differ) if differ else "none"), "",
+             head, f"{'':<18}" + "".join(f"{'A ms':>9}{'B ms':>9}{'B/A':>8}" for _ in paths)]
     for layer in a["layers"]:
         other = layers_b.get(layer["name"])
         if other is None:

@@ -12,8 +12,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .build import Build
-from .config import PROJECT_ROOT, cache_dir, results_dir
+from .config import PROJECT_ROOT, cache_dir, results_dir, user_path, writable_folder
 from .errors import UserError
+from .shell import die_with_parent
+
+
+# More threads than this many per core only measure the operating system's scheduler.
+MAX_THREADS_PER_CORE = 4
+
+
+def check_threads(threads: int, cores: int | None = None) -> int:
+    """--threads as given (0: every core), checked: UserError for a negative count or more than
+    MAX_THREADS_PER_CORE per core. Returns the count to use."""
+    cores = cores or os.cpu_count() or 1
+    if threads < 0:
+        raise UserError(f"--threads must be at least 1 (or 0 for every core), got {threads}")
+    if threads > MAX_THREADS_PER_CORE * cores:
+        raise UserError(f"--threads {threads} on {cores} cores: more than {MAX_THREADS_PER_CORE} "
+                        f"per core only measures the scheduler; use at most "
+                        f"{MAX_THREADS_PER_CORE * cores} (default: {cores}, one per core)")
+    return threads or cores
+
+
+def warn_oversubscribed(threads: int, cores: int | None = None) -> None:
+    """One line when threads share cores: timings then include waiting for a core."""
+    cores = cores or os.cpu_count() or 1
+    if threads > cores:
+        print(f"warning: {threads} threads on {cores} cores: threads wait for each other, so the "
+              "timings measure oversubscription too", file=sys.stderr)
 
 
 def thread_env(threads: int) -> dict:
@@ -23,13 +49,17 @@ def thread_env(threads: int) -> dict:
 
 
 def pycaffe(build: Build, module: str, args: list[str], threads: int,
-            capture_stderr: bool = False) -> subprocess.CompletedProcess:
+            capture_stderr: bool = False, capture_stdout: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m sparse_caffe.<module> args` with the build's pycaffe and `threads` threads."""
     env = build.env()
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
     env.update(thread_env(threads))
+    # subprocess.run kills the child if this process is interrupted (Ctrl-C, SIGTERM through
+    # tasks.user_errors); die_with_parent covers a parent killed outright.
     return subprocess.run([sys.executable, "-m", f"sparse_caffe.{module}", *args], env=env,
-                          stderr=subprocess.PIPE if capture_stderr else None, text=True)
+                          stderr=subprocess.PIPE if capture_stderr else None,
+                          stdout=subprocess.PIPE if capture_stdout else None, text=True,
+                          preexec_fn=die_with_parent)
 
 
 def raise_for(result: subprocess.CompletedProcess, what: str, error_file: Path | None = None) -> None:
@@ -82,11 +112,23 @@ def check_baseline(build: Build, results: dict, forwards: int = 30) -> tuple[flo
     return bench, plain
 
 
-def inspect(build: Build, net: str, weights: str, images: str | None, batch: int,
-            json_path: str | None) -> Path:
+def inspect_target(net: str, json_path: str | None) -> Path:
+    """Where ./inv inspect writes its JSON, checked writable before anything runs."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = Path(json_path) if json_path else results_dir() / "inspect" / f"{net}-{stamp}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = (user_path(json_path) if json_path
+              else results_dir() / "inspect" / f"{net}-{stamp}.json")
+    if target.is_dir():
+        raise UserError(f"--json {target} is a folder; give a file name")
+    writable_folder(target.parent, "the folder for --json" if json_path
+                    else "the results folder (SPARSE_CAFFE_RESULTS)")
+    return target
+
+
+def inspect(build: Build, net: str, weights: str, images: str | None, batch: int,
+            target: Path) -> Path:
+    """Run sparse_caffe.inspect against a build; its JSON is written to `target` when complete."""
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
     partial = target.with_name(f".{target.name}.partial")
     args = ["--net", net, "--weights", weights, "--batch", str(batch), "--json", str(partial)]
     if images:
@@ -103,23 +145,43 @@ def inspect(build: Build, net: str, weights: str, images: str | None, batch: int
     return target
 
 
+def bench_layer_check(shape: str, threads: int, weight_zeros: float, input_zeros: float,
+                      repeats: int) -> int:
+    """./inv bench-layer's options, checked before anything is built; returns the threads."""
+    from .layer_bench import SHAPES
+    if shape not in SHAPES:
+        raise UserError(f"unknown --shape {shape!r}: choose from {', '.join(sorted(SHAPES))}")
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    for option, value in (("--weight-zeros", weight_zeros), ("--input-zeros", input_zeros)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{option} is a fraction of zeros, from 0 up to (not including) 1; "
+                            f"got {value}")
+    threads = check_threads(threads)
+    writable_folder(results_dir() / "layer-bench", "the results folder (SPARSE_CAFFE_RESULTS)")
+    return threads
+
+
 def bench_layer(build: Build, shape: str, threads: int, weight_zeros: float, input_zeros: float,
                 repeats: int) -> Path:
     """Run sparse_caffe.layer_bench against a build; its JSON lands in results/layer-bench/."""
-    if repeats < 1:
-        raise UserError("--repeats must be at least 1")
+    threads = bench_layer_check(shape, threads, weight_zeros, input_zeros, repeats)
+    warn_oversubscribed(threads)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = results_dir() / "layer-bench"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_folder(results_dir() / "layer-bench",
+                              "the results folder (SPARSE_CAFFE_RESULTS)")
     target = out_dir / f"{shape}-{build.inputs['blas']}-t{threads}-{stamp}.json"
     partial = target.with_suffix(".partial")
-    result = pycaffe(build, "layer_bench", ["--shape", shape, "--weight-zeros", str(weight_zeros),
-                                            "--input-zeros", str(input_zeros), "--repeats",
-                                            str(repeats), "--json", str(partial)], threads)
-    if result.returncode != 0 or not partial.is_file():
+    try:
+        result = pycaffe(build, "layer_bench", ["--shape", shape, "--weight-zeros",
+                                                str(weight_zeros), "--input-zeros", str(input_zeros),
+                                                "--repeats", str(repeats), "--json", str(partial)],
+                         threads)
+        if result.returncode != 0 or not partial.is_file():
+            raise UserError("the layer benchmark failed or a path disagreed with dense (see above)")
+        partial.rename(target)
+    finally:
         partial.unlink(missing_ok=True)
-        raise UserError("the layer benchmark failed or a path disagreed with dense (see above)")
-    partial.rename(target)
     return target
 
 

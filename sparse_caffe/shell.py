@@ -16,6 +16,18 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def die_with_parent() -> None:
+    """In a child, before exec: have the kernel kill it when its parent dies (kill -9 of ./inv
+    leaves no orphan computing on). Linux prctl(PR_SET_PDEATHSIG, SIGKILL); a no-op elsewhere."""
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_logged(cmd: Sequence[str], log: Path, *, cwd: Path | None = None,
                env: Mapping[str, str] | None = None, what: str | None = None) -> None:
     """Run cmd with its output appended to log; on failure raise UserError naming the log."""
@@ -25,7 +37,8 @@ def run_logged(cmd: Sequence[str], log: Path, *, cwd: Path | None = None,
         out.write(f"\n$ {line}\n")
         out.flush()
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent)
         start = time.monotonic()
         try:
             while True:

@@ -24,7 +24,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import CAFFE, CaffePin, cache_dir
+from . import cache
+from .config import CAFFE, CaffePin, user_path
 from .errors import UserError
 from .files import file_sha256
 from .shell import run_logged, say
@@ -89,9 +90,9 @@ def ensure_source(caffe_source: str | None = None, *, debian_patches: bool = Tru
     debian_patches=False gives the pristine commit tree, which the render stage diffs against, so
     that our series applies to every route (Debian's patches do not touch the lines we change).
     """
-    root = root or cache_dir()
+    root = root or cache.prepare()
     if caffe_source:
-        return _from_local(Path(caffe_source).expanduser(), pin, root, debian_patches)
+        return _from_local(user_path(caffe_source), pin, root, debian_patches)
     variants = [f"debian/{pin.debian_version}", "none"] if debian_patches else ["none"]
     for variant in variants:
         cached = _cached(pin, variant, root)

@@ -220,3 +220,63 @@ def test_batch_hash_is_stable_and_sees_every_value_and_the_shape():
     changed[1, 2, 1, 1] += 1e-3
     assert images.batch_sha256(changed) != first
     assert images.batch_sha256(data.reshape(1, 6, 2, 2)) != first
+
+
+# ----------------------------------------------------------------------------- 16-bit and huge files
+
+def write_png16_rgb(path, rgb16: np.ndarray) -> None:
+    """A 48-bit colour PNG (PIL cannot write one): signature, IHDR, one IDAT, IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    height, width, _ = rgb16.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb16)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """The same picture stored with 8 and with 16 bits reads the same (it used to clip at 255,
+    turning a 16-bit grey picture almost white)."""
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    Image.fromarray(grey8).save(tmp_path / "grey8.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    np.testing.assert_array_equal(images.read_image(tmp_path / "grey16.png"),
+                                  images.read_image(tmp_path / "grey8.png"))
+    colour8 = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    write_png(tmp_path / "colour8.png", colour8)
+    write_png16_rgb(tmp_path / "colour16.png", colour8.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(images.read_image(tmp_path / "colour16.png"),
+                                  images.read_image(tmp_path / "colour8.png"))
+
+
+def test_a_huge_image_is_refused_in_one_line_without_pils_warning(tmp_path, monkeypatch, capsys):
+    """Above MAX_PIXELS a PNG is skipped with one warning (PIL's own DecompressionBombWarning,
+    which fires from its lower limit, never shows); the limits are scaled down for the test."""
+    import warnings
+    monkeypatch.setattr(images, "MAX_PIXELS", 50_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60_000)  # 300 x 300 is in PIL's warning range
+    write_png(tmp_path / "big.png", solid(300, 300, (10, 200, 30)))
+    write_png(tmp_path / "small.png", solid(100, 100, (10, 200, 30)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = images.read_folder(tmp_path)
+    assert [image.name for image in read] == ["small.png"]
+    assert caught == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "big.png" in err[0] and "300 x 300 pixels is more than" in err[0]
+
+
+def test_a_huge_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(images, "MAX_PIXELS", 50_000)
+    Image.fromarray(solid(400, 400, (200, 100, 50))).save(tmp_path / "big.jpg", quality=95)
+    rgb = images.read_image(tmp_path / "big.jpg")
+    assert rgb.shape == (200, 200, 3)  # 1/2 scale: 40,000 pixels
+    assert np.abs(rgb[100, 100] * 255 - (200, 100, 50)).max() < 4
+    assert "decoded at 1/2 scale" in capsys.readouterr().err
