@@ -113,8 +113,9 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
     ),
     PatchSpec(
         2, "blob-write-version",
-        "Give SyncedMemory a version number bumped on every write access (mutable_*_data,\n"
-        "set_*_data), so caches derived from a blob know when the blob changed.",
+        "Give SyncedMemory a version number, drawn from one process-wide counter on creation and\n"
+        "on every write access (mutable_*_data, set_*_data), so caches derived from a blob know\n"
+        "when the blob changed, and a freed blob's version is never seen again at its address.",
         ("include/caffe/syncedmem.hpp", "src/caffe/syncedmem.cpp"),
     ),
     PatchSpec(
