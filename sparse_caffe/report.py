@@ -15,7 +15,7 @@ from .errors import UserError
 SCHEMA = "sparse-caffe-bench/1"
 PHASES = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
 PATH_COLOURS = {"dense": "tab:green", "spmdm": "tab:purple", "sparse_sparse": "tab:blue",
-                "sparse_output": "tab:orange"}
+                "sparse_output": "tab:orange", "direct": "tab:brown"}
 
 
 def stats(values: list[float]) -> dict:
