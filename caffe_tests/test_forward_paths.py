@@ -413,14 +413,16 @@ def test_direct_equals_dense_on_its_special_shapes(caffe, make_net, paths, case,
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("where", ["input", "weights"])
+@pytest.mark.parametrize("where", ["input", "one-image", "weights"])
 def test_direct_keeps_dense_non_finite_semantics(caffe, make_net, paths, where):
     """0 x NaN is NaN in the dense GEMM; direct must not hide it by skipping zero weights."""
     net = make_net(conv_spec(caffe, "conv", (2, 4, 7, 8), 5, dict(kernel_size=3, pad=1)))
     rng = np.random.default_rng(21)
     w = sparse_weights(rng, net.params["conv"][0].data.shape, 0.8)
     x = random_input(rng, (2, 4, 7, 8), 0.5)
-    if where == "input":
+    if where == "one-image":  # image 0 goes dense, image 1 direct
+        x[0, 3, 6, 0] = np.nan
+    elif where == "input":
         x[0, 1, 3, 4] = np.nan
         x[1, 2, 0, 0] = np.inf
         x[1, 0, 6, 7] = -np.inf
@@ -443,6 +445,25 @@ def test_direct_keeps_dense_non_finite_semantics(caffe, make_net, paths, where):
     net.blobs["data"].data[...] = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     dense = forward_on(caffe, net, "dense")
     np.testing.assert_allclose(forward_on(caffe, net, "direct"), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_profiles_a_batch_image_by_image(caffe, make_net, paths, profiling):
+    """direct runs a batch in one call, but counts it as the other paths do: per image."""
+    net = make_net(conv_spec(caffe, "conv_batch", (3, 4, 6, 5), 5, dict(kernel_size=3, pad=1)))
+    rng = np.random.default_rng(12)
+    net.params["conv_batch"][0].data[...] = sparse_weights(rng, (5, 4, 3, 3), 0.6)
+    net.blobs["data"].data[...] = random_input(rng, (3, 4, 6, 5), 0.5)
+    counts = {}
+    for path in ["spmdm", "direct"]:
+        caffe.reset_conv_profile()
+        caffe.set_conv_forward_path(path, "conv_batch")
+        net.forward()
+        p = caffe.conv_profile()["conv_batch"]
+        counts[path] = {k: p[k] for k in ("calls", "input_elements", "input_nonzeros", "dense_macs",
+                                          "useful_macs", "weight_nonzeros")}
+        assert p["seconds"]["bias"] == 0 or path != "direct"  # the bias is fused
+    assert counts["direct"] == counts["spmdm"]
+    assert counts["direct"]["calls"] == 3
 
 
 def test_direct_input_reshape_rebuilds_its_layout(caffe, make_net, paths):
