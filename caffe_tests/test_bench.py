@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparse_caffe.config import PROJECT_ROOT
+from sparse_caffe.config import CONV_TEMPLATE_CONFIG, PROJECT_ROOT
 
 ARGS = ["--net", "caffenet", "--weights", "synthetic", "--layers", "conv[35]", "--repeats", "2",
         "--warmup", "0", "--images", "2", "--threads", "1"]
@@ -53,7 +53,7 @@ def test_json_schema(run_dir):
     assert r["weights"]["synthetic"] is True and r["weights"]["kind"] == "synthetic"
     assert len(r["weights"]["sha256"]) == 64
     assert r["images"]["count"] == 2 and len(r["images"]["sha256"]) == 64
-    assert r["params"]["paths"] == ["dense", "spmdm", "sparse_sparse", "sparse_output"]
+    assert r["params"]["paths"] == list(CONV_TEMPLATE_CONFIG.forward_paths)
     assert [layer["name"] for layer in r["layers"]] == ["conv3", "conv5"]
     for layer in r["layers"]:
         assert set(layer["paths"]) == set(r["params"]["paths"])

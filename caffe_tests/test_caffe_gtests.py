@@ -71,7 +71,7 @@ def test_caffe_gtest(gtest_case, gtest_results):
 CONV_SUITES = "ConvolutionLayerTest*:DeconvolutionLayerTest*:Im2colLayerTest*"
 
 
-@pytest.mark.parametrize("path", ["spmdm", "sparse_sparse", "sparse_output"])
+@pytest.mark.parametrize("path", ["spmdm", "sparse_sparse", "sparse_output", "direct"])
 @pytest.mark.parametrize("backend", ["openmp", "mkl"])
 def test_caffe_gtests_with_every_layer_forced_onto_a_path(path, backend, monkeypatch):
     """Caffe's own convolution, deconvolution and im2col suites (float and double), with every
@@ -83,6 +83,22 @@ def test_caffe_gtests_with_every_layer_forced_onto_a_path(path, backend, monkeyp
     monkeypatch.setenv("SPARSE_CAFFE_SPARSE_BACKEND", backend)
     cases, output = run_gtests(build, f"{CONV_SUITES}-*GPU*")
     assert len(cases) >= 40, output[-2000:]
+    failed = [f"{c.suite}.{c.name}: {c.message}" for c in cases if not c.passed]
+    assert not failed, "\n".join(failed)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_caffe_gtests_on_direct_with_a_lesser_kernel(isa, monkeypatch):
+    """The direct path's portable and AVX2 kernels, float and double (a machine with AVX-512 runs
+    that one in the test above)."""
+    build = _build()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if isa == "avx2" and not (" avx2" in flags and " fma" in flags):
+        pytest.skip("this CPU has no AVX2+FMA")
+    monkeypatch.setenv("SPARSE_CAFFE_FORWARD_PATH", "direct")
+    monkeypatch.setenv("SPARSE_CAFFE_DIRECT_ISA", isa)
+    cases, output = run_gtests(build, "ConvolutionLayerTest*-*GPU*")
+    assert len(cases) >= 20, output[-2000:]
     failed = [f"{c.suite}.{c.name}: {c.message}" for c in cases if not c.passed]
     assert not failed, "\n".join(failed)
 

@@ -9,13 +9,14 @@ magnitude, far above that.
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .test_conv_reference import CASES, conv_spec, random_input, reference_conv
+from .test_conv_reference import CASES, Case, conv_spec, random_input, reference_conv
 
-SPARSE_PATHS = ["spmdm", "sparse_sparse", "sparse_output"]
+SPARSE_PATHS = ["spmdm", "sparse_sparse", "sparse_output", "direct"]
 BACKENDS = ["openmp", "mkl"]
 SPARSITY = [0.0, 0.5, 0.9, 0.99, 1.0]
 
@@ -150,7 +151,7 @@ def test_copy_from_refreshes_the_weight_cache(caffe, make_net, paths, tmp_path):
 def test_unknown_path_is_a_value_error(caffe, paths):
     with pytest.raises(ValueError, match="unknown convolution forward path 'fast'"):
         caffe.set_conv_forward_path("fast")
-    assert caffe.conv_forward_paths() == ["dense", "spmdm", "sparse_sparse", "sparse_output"]
+    assert caffe.conv_forward_paths() == ["dense", "spmdm", "sparse_sparse", "sparse_output", "direct"]
     with pytest.raises(ValueError, match="sparse back end 'cuda' is not in this build"):
         caffe.set_conv_sparse_backend("cuda")
     assert caffe.conv_sparse_backends()[0] == "openmp"
@@ -187,7 +188,8 @@ def test_profile_counts_useful_multiply_adds(caffe, make_net, paths, profiling):
         p = caffe.conv_profile()["conv_macs"]
         assert (p["path"], p["useful_macs"], p["dense_macs"]) == (path, expected, 3 * 4 * 25)
         assert p["weight_nonzeros"] == np.count_nonzero(w) and p["weight_elements"] == w.size
-        assert (p["seconds"]["input2csr"] > 0) == (path in ("sparse_sparse", "sparse_output"))
+        # direct's input preparation (the zero-padded copy) is timed as input2csr too.
+        assert (p["seconds"]["input2csr"] > 0) == (path in ("sparse_sparse", "sparse_output", "direct"))
         assert (p["seconds"]["output"] > 0) == (path == "sparse_output")
 
 
@@ -369,3 +371,160 @@ def test_three_dimensional_convolution_equals_dense(caffe, make_net, backend, pa
     net.blobs["data"].data[...] = random_input(rng, (2, 3, 5, 6, 7), 0.5)
     dense = forward_on(caffe, net, "dense")
     np.testing.assert_allclose(forward_on(caffe, net, path), dense, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- direct
+
+# Shapes the direct kernel treats specially: outputs wider than one strip of registers, strides
+# that split the input into phases, padding wider than the kernel (no shared padding), a
+# CaffeNet-conv1-like 11x11 stride 4, dilation with stride.
+DIRECT_CASES = [
+    Case("wide-3x3-pad1", (1, 3, 9, 60), 5, dict(kernel_size=3, pad=1)),
+    Case("wide-1x1", (2, 6, 3, 113), 4, dict(kernel_size=1)),
+    Case("stride2-wide", (1, 3, 12, 57), 4, dict(kernel_size=3, stride=2, pad=1)),
+    Case("pad-wider-than-kernel", (1, 3, 5, 6), 2, dict(kernel_size=1, pad=2)),
+    Case("11x11-stride4", (1, 3, 39, 43), 4, dict(kernel_size=11, stride=4, pad=2)),
+    Case("stride3-dilation2", (2, 4, 17, 15), 3, dict(kernel_size=3, stride=3, dilation=2, pad=1)),
+    Case("stride-h1-w3-group2", (1, 4, 8, 20), 6, dict(kernel_h=2, kernel_w=4, stride_h=1, stride_w=3,
+                                                      pad_h=1, pad_w=0, group=2)),
+]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda case: case.id)
+def test_direct_equals_dense_on_its_special_shapes(caffe, make_net, paths, case, fused):
+    conv = dict(case.conv, fused_relu=fused)
+    net = make_net(conv_spec(caffe, "conv", case.shape, case.num_output, conv))
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    w = sparse_weights(rng, net.params["conv"][0].data.shape, zeros=0.6)
+    net.params["conv"][0].data[...] = w
+    b = None
+    if case.bias:
+        b = rng.standard_normal(net.params["conv"][1].data.shape).astype(np.float32)
+        net.params["conv"][1].data[...] = b
+    x = random_input(rng, case.shape, 0.5)
+    net.blobs["data"].data[...] = x
+    dense = forward_on(caffe, net, "dense")
+    got = forward_on(caffe, net, "direct")
+    assert_close_to(got, x, w, b, case.geometry(), dense)
+    expected = reference_conv(x, w, b, **case.geometry())
+    if fused:
+        expected = np.maximum(expected, 0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["input", "one-image", "weights"])
+def test_direct_keeps_dense_non_finite_semantics(caffe, make_net, paths, where):
+    """0 x NaN is NaN in the dense GEMM; direct must not hide it by skipping zero weights."""
+    net = make_net(conv_spec(caffe, "conv", (2, 4, 7, 8), 5, dict(kernel_size=3, pad=1)))
+    rng = np.random.default_rng(21)
+    w = sparse_weights(rng, net.params["conv"][0].data.shape, 0.8)
+    x = random_input(rng, (2, 4, 7, 8), 0.5)
+    if where == "one-image":  # image 0 goes dense, image 1 direct
+        x[0, 3, 6, 0] = np.nan
+    elif where == "input":
+        x[0, 1, 3, 4] = np.nan
+        x[1, 2, 0, 0] = np.inf
+        x[1, 0, 6, 7] = -np.inf
+    else:
+        w[1, 2, 0, 0] = np.nan
+        w[3, 0, 1, 1] = np.inf
+    net.params["conv"][0].data[...] = w
+    net.params["conv"][1].data[...] = rng.standard_normal(5)
+    net.blobs["data"].data[...] = x
+    dense = forward_on(caffe, net, "dense")
+    got = forward_on(caffe, net, "direct")
+    assert np.isnan(dense).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(dense))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(dense))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(dense))
+    finite = np.isfinite(dense)
+    np.testing.assert_allclose(got[finite], dense[finite], rtol=1e-5, atol=1e-5)
+    # Finite again: the direct kernel runs again and is right (no NaN left in its buffers).
+    net.params["conv"][0].data[...] = np.nan_to_num(w, nan=0.0, posinf=0.0)
+    net.blobs["data"].data[...] = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    dense = forward_on(caffe, net, "dense")
+    np.testing.assert_allclose(forward_on(caffe, net, "direct"), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_profiles_a_batch_image_by_image(caffe, make_net, paths, profiling):
+    """direct runs a batch in one call, but counts it as the other paths do: per image."""
+    net = make_net(conv_spec(caffe, "conv_batch", (3, 4, 6, 5), 5, dict(kernel_size=3, pad=1)))
+    rng = np.random.default_rng(12)
+    net.params["conv_batch"][0].data[...] = sparse_weights(rng, (5, 4, 3, 3), 0.6)
+    net.blobs["data"].data[...] = random_input(rng, (3, 4, 6, 5), 0.5)
+    counts = {}
+    for path in ["spmdm", "direct"]:
+        caffe.reset_conv_profile()
+        caffe.set_conv_forward_path(path, "conv_batch")
+        net.forward()
+        p = caffe.conv_profile()["conv_batch"]
+        counts[path] = {k: p[k] for k in ("calls", "input_elements", "input_nonzeros", "dense_macs",
+                                          "useful_macs", "weight_nonzeros")}
+        assert p["seconds"]["bias"] == 0 or path != "direct"  # the bias is fused
+    assert counts["direct"] == counts["spmdm"]
+    assert counts["direct"]["calls"] == 3
+
+
+def test_direct_input_reshape_rebuilds_its_layout(caffe, make_net, paths):
+    net = make_net(conv_spec(caffe, "conv", (1, 3, 6, 7), 4, dict(kernel_size=3, pad=1)))
+    rng = np.random.default_rng(8)
+    w = sparse_weights(rng, net.params["conv"][0].data.shape, 0.5)
+    net.params["conv"][0].data[...] = w
+    b = net.params["conv"][1].data.copy()
+    for shape in [(1, 3, 6, 7), (2, 3, 11, 5), (1, 3, 4, 4)]:
+        net.blobs["data"].reshape(*shape)
+        x = random_input(rng, shape, 0.3)
+        net.blobs["data"].data[...] = x
+        net.reshape()
+        got = forward_on(caffe, net, "direct")
+        np.testing.assert_allclose(got, reference_conv(x, w, b, pad=(1, 1)), rtol=1e-4, atol=1e-4)
+
+
+DIRECT_ISA_SCRIPT = """
+import sys, zlib
+import numpy as np
+import caffe
+from caffe_tests.test_conv_reference import CASES, conv_spec, random_input, reference_conv
+from caffe_tests.test_forward_paths import DIRECT_CASES, sparse_weights
+from caffe_tests.conftest import write_net
+from pathlib import Path
+caffe.set_mode_cpu()
+assert caffe.conv_direct_isa() == sys.argv[1], caffe.conv_direct_isa()
+for case in CASES + DIRECT_CASES:
+    net = write_net(caffe, conv_spec(caffe, "conv", case.shape, case.num_output, case.conv),
+                    Path(sys.argv[2]) / "net.prototxt")
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    w = sparse_weights(rng, net.params["conv"][0].data.shape, zeros=0.7)
+    net.params["conv"][0].data[...] = w
+    b = None
+    if case.bias:
+        b = rng.standard_normal(net.params["conv"][1].data.shape).astype(np.float32)
+        net.params["conv"][1].data[...] = b
+    x = random_input(rng, case.shape, 0.5)
+    net.blobs["data"].data[...] = x
+    caffe.set_conv_forward_path("direct")
+    got = net.forward()["conv"]
+    np.testing.assert_allclose(got, reference_conv(x, w, b, **case.geometry()), rtol=1e-4,
+                               atol=1e-4, err_msg=case.id)
+print("ok", len(CASES + DIRECT_CASES))
+"""
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_direct_on_each_vector_isa(caffe_python_path, isa, tmp_path):
+    """Every kernel set this CPU runs (SPARSE_CAFFE_DIRECT_ISA picks one, in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    needs = {"avx2": ("avx2", "fma"), "avx512": ("avx512f",)}.get(isa, ())
+    if any(f" {flag}" not in flags for flag in needs):
+        pytest.skip(f"this CPU has no {isa}")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, SPARSE_CAFFE_DIRECT_ISA=isa, GLOG_minloglevel="2",
+               PYTHONPATH=os.pathsep.join([str(caffe_python_path), str(root)]))
+    result = subprocess.run([sys.executable, "-c", DIRECT_ISA_SCRIPT, isa, str(tmp_path)], env=env,
+                            capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -46,7 +46,7 @@ layer {{
 """
 
 # SkimCaffe's mode -> the path it runs here (forward_path_of_conv_mode in sparse_conv.cpp).
-CONV_MODES = {"LOWERED_GEMM": "dense", "LOWERED_CCNMM": "spmdm", "DIRECT_SCONV": "spmdm",
+CONV_MODES = {"LOWERED_GEMM": "dense", "LOWERED_CCNMM": "spmdm", "DIRECT_SCONV": "direct",
               "DIRECT_DCONV": "dense"}
 
 

@@ -23,11 +23,11 @@ from pathlib import Path
 from . import docker_route, machine, measure, memory, nets, render, report
 from . import run as run_stage
 from .build import Build
-from .config import (CAFFE, PROJECT_ROOT, BuildOptions, cache_dir, results_dir, user_path,
-                     writable_folder)
+from .config import (CAFFE, CONV_TEMPLATE_CONFIG, PROJECT_ROOT, BuildOptions, cache_dir,
+                     results_dir, user_path, writable_folder)
 from .errors import UserError
 
-PATHS = ("dense", "spmdm", "sparse_sparse", "sparse_output")
+PATHS = CONV_TEMPLATE_CONFIG.forward_paths  # the paths the build has, dense first
 BACKENDS = ("openmp", "mkl")
 TRANSFORMS = ("fold", "none")
 

@@ -67,6 +67,17 @@ class BuildOptions:
 
 
 @dataclass(frozen=True)
+class SimdIsa:
+    """One vector instruction set the direct kernel is rendered for, picked at run time."""
+
+    name: str                        # in function names and SPARSE_CAFFE_DIRECT_ISA
+    target: str                      # GCC's target attribute for the functions
+    cpu_features: tuple[str, ...]    # __builtin_cpu_supports names that must all be present
+    register_bits: int               # 256 (ymm) or 512 (zmm)
+    max_vectors: int                 # accumulator registers per strip (one microkernel per count)
+
+
+@dataclass(frozen=True)
 class ConvTemplateConfig:
     """What the C++ templates are rendered with. Templates see only this (and the series entry)."""
 
@@ -75,9 +86,15 @@ class ConvTemplateConfig:
     # output is sparse_output's epilogue (bias, fused ReLU, the output's CSR).
     phases: tuple[str, ...] = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
     # Forward paths of the multiply, numbered from 1 in this order in caffe.proto's ForwardPath.
-    forward_paths: tuple[str, ...] = ("dense", "spmdm", "sparse_sparse", "sparse_output")
+    forward_paths: tuple[str, ...] = ("dense", "spmdm", "sparse_sparse", "sparse_output", "direct")
     # Implementations of the sparse paths, numbered from 1 in caffe.proto's SparseBackend.
     sparse_backends: tuple[str, ...] = ("openmp", "mkl")
+    # The direct path's vector microkernels, best first (a portable scalar kernel always exists):
+    # one per ISA, element type and strip length 1..max_vectors registers.
+    direct_isas: tuple[SimdIsa, ...] = (
+        SimdIsa("avx512", "avx512f", ("avx512f",), 512, 16),
+        SimdIsa("avx2", "avx2,fma", ("avx2", "fma"), 256, 12),
+    )
 
     def __post_init__(self) -> None:
         if not self.phases or len(set(self.phases)) != len(self.phases):
@@ -86,6 +103,9 @@ class ConvTemplateConfig:
             raise ValueError("dense must be the first forward path (the baseline)")
         if not self.sparse_backends or self.sparse_backends[0] != "openmp":
             raise ValueError("openmp must be the first sparse back end (always built)")
+        for isa in self.direct_isas:
+            if isa.register_bits not in (256, 512) or not 1 <= isa.max_vectors <= 24:
+                raise ValueError(f"unsupported direct ISA {isa}")
 
 
 @dataclass(frozen=True)
@@ -120,11 +140,13 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
     ),
     PatchSpec(
         3, "conv-forward-paths-and-profile",
-        "The convolution forward multiply goes through one dispatch point with four paths:\n"
+        "The convolution forward multiply goes through one dispatch point with five paths:\n"
         "dense (Caffe's GEMM), spmdm (CSR weights x dense lowered input), sparse_sparse (CSR\n"
-        "weights x the lowered input's CSR, built from the feature map without im2col) and\n"
+        "weights x the lowered input's CSR, built from the feature map without im2col),\n"
         "sparse_output (the same, also keeping the output's CSR with the top blob for the next\n"
-        "convolution), on our OpenMP kernels or MKL's sparse BLAS, with an optional fused ReLU.\n"
+        "convolution), on our OpenMP kernels or MKL's sparse BLAS, with an optional fused ReLU,\n"
+        "and direct (Park et al.'s direct sparse convolution: weights as offsets into a zero-padded\n"
+        "copy of the input, a strip of outputs in vector registers, bias and ReLU fused).\n"
         "Chosen per layer in the prototxt (convolution_param.forward_path, sparse_backend), from\n"
         "pycaffe, or process-wide with SPARSE_CAFFE_FORWARD_PATH / SPARSE_CAFFE_SPARSE_BACKEND.\n"
         "A per-layer profile times the phases and counts calls, input nonzeros, multiply-adds and\n"

@@ -121,13 +121,16 @@ def main(argv=None) -> int:
         dense_out = net.blobs["conv"].data.copy()
         results = [measure(caffe, net, "dense", "openmp", args.warmup, args.repeats, dense_out)]
         for backend in caffe.conv_sparse_backends():
-            for path in ("spmdm", "sparse_sparse", "sparse_output"):
+            for path in [p for p in caffe.conv_forward_paths() if p != "dense"]:
+                if path == "direct" and backend != "openmp":
+                    continue  # direct is our kernel on every back end: timed once
                 results.append(measure(caffe, net, path, backend, args.warmup, args.repeats, dense_out))
         caffe.clear_conv_forward_paths()
     dense_ms = results[0].median_ms
     print(f"layer {args.shape} (synthetic weights and input): {shape}; "
           f"{np.mean(w == 0):.1%} zero weights, {np.mean(x == 0):.1%} zero inputs; "
-          f"{args.repeats} measured forwards after {args.warmup} warm-up")
+          f"{args.repeats} measured forwards after {args.warmup} warm-up; "
+          f"direct kernel: {caffe.conv_direct_isa()}")
     print(f"{'path':<15}{'backend':<9}{'median ms':>10}{'min ms':>9}{'vs dense':>10}"
           f"{'input2csr':>11}{'multiply':>10}{'max rel diff':>14}")
     for r in results:
@@ -138,6 +141,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"synthetic": True, "shape": args.shape, **shape, "args": vars(args),
+                       "direct_isa": caffe.conv_direct_isa(),
                        "machine": machine_info(threads, load_before), "blas_runtime": blas,
                        "results": [dict(asdict(r), median_ms=r.median_ms,
                                         speedup_vs_dense=dense_ms / r.median_ms) for r in results]},
