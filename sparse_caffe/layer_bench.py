@@ -60,31 +60,62 @@ def synthetic_layer(caffe, shape: dict, weight_zeros: float, input_zeros: float,
     return net, w, net.blobs["data"].data.copy()
 
 
-def measure(caffe, net, path: str, backend: str, warmup: int, repeats: int, dense_out):
-    caffe.set_conv_forward_path(path, "conv")
-    caffe.set_conv_sparse_backend(backend, "conv")
-    for _ in range(warmup):  # warm-up forwards: caches, CSR of the weights, thread pools
-        net.forward()
-    # Timed forwards run with profiling off (its counting costs time); a second series, profiled,
-    # gives the phase breakdown.
+def measure_all(caffe, net, candidates, warmup: int, repeats: int, dense_out):
+    """Time every (path, backend) of `candidates` side by side: warm-up forwards each, then
+    `repeats` rounds in which every candidate runs once, in an order rotated each round (drift on
+    a shared machine hits all alike), unprofiled (its counting costs time); then the same rounds
+    profiled, for the phase breakdown. Returns one Measurement per candidate, in order."""
+    def use(path, backend):
+        caffe.set_conv_forward_path(path, "conv")
+        caffe.set_conv_sparse_backend(backend, "conv")
+
+    times = {c: [] for c in candidates}
+    phases = {c: {} for c in candidates}
+    for candidate in candidates:  # warm-up forwards: caches, CSR of the weights, thread pools
+        use(*candidate)
+        for _ in range(warmup):
+            net.forward()
     caffe.set_conv_profiling(False)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        net.forward()
-        times.append((time.perf_counter() - start) * 1e3)
-    phases = {}
-    for _ in range(repeats):
-        caffe.reset_conv_profile()
-        caffe.set_conv_profiling(True)
-        net.forward()
-        caffe.set_conv_profiling(False)
-        for phase, seconds in caffe.conv_profile()["conv"]["seconds"].items():
-            phases.setdefault(phase, []).append(seconds * 1e3)
-    out = net.blobs["conv"].data
+    for i in range(repeats):
+        for k in range(len(candidates)):
+            candidate = candidates[(i + k) % len(candidates)]
+            use(*candidate)
+            start = time.perf_counter()
+            net.forward()
+            times[candidate].append((time.perf_counter() - start) * 1e3)
+    counters = {}
+    for i in range(repeats):
+        for k in range(len(candidates)):
+            candidate = candidates[(i + k) % len(candidates)]
+            use(*candidate)
+            caffe.reset_conv_profile()
+            caffe.set_conv_profiling(True)
+            net.forward()
+            caffe.set_conv_profiling(False)
+            profile = caffe.conv_profile()["conv"]
+            counters[candidate] = profile
+            for phase, seconds in profile["seconds"].items():
+                phases[candidate].setdefault(phase, []).append(seconds * 1e3)
+    results = []
     scale = max(float(np.abs(dense_out).max()), 1e-30)
-    diff = float(np.abs(out - dense_out).max()) / scale if dense_out is not None else 0.0
-    return Measurement(path, backend, times, {k: statistics.median(v) for k, v in phases.items()}, diff)
+    for candidate in candidates:
+        use(*candidate)
+        net.forward()
+        diff = float(np.abs(net.blobs["conv"].data - dense_out).max()) / scale
+        results.append(Measurement(candidate[0], candidate[1], times[candidate],
+                                   {k: statistics.median(v) for k, v in phases[candidate].items()},
+                                   diff))
+    return results, counters[candidates[0]]
+
+
+def layer_limit(profile: dict, output_elements: int, probe: dict) -> dict:
+    """t_min = max(useful multiply-adds at the measured GEMM rate, bytes at the measured
+    bandwidth); bytes: nonzero weights (value + index), input and output, once each."""
+    moved = 8 * profile["weight_nonzeros"] + 4 * profile["input_elements"] + 4 * output_elements
+    compute_ms = profile["useful_macs"] / probe["macs_per_second"] * 1e3
+    memory_ms = moved / probe["bytes_per_second"] * 1e3
+    return {"t_min_ms": max(compute_ms, memory_ms), "compute_ms": compute_ms,
+            "memory_ms": memory_ms, "bytes": moved, "useful_macs": profile["useful_macs"]}
 
 
 def main(argv=None) -> int:
@@ -105,7 +136,7 @@ def main(argv=None) -> int:
 
     from .errors import UserError
     from .machine import machine_info
-    from .measure import checked_blas_runtime
+    from .measure import checked_blas_runtime, probe_machine
     load_before = os.getloadavg()
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     caffe.set_mode_cpu()
@@ -119,32 +150,47 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         dense_out = net.blobs["conv"].data.copy()
-        results = [measure(caffe, net, "dense", "openmp", args.warmup, args.repeats, dense_out)]
+        candidates = [("dense", "openmp")]
         for backend in caffe.conv_sparse_backends():
             for path in [p for p in caffe.conv_forward_paths() if p != "dense"]:
                 if path == "direct" and backend != "openmp":
                     continue  # direct is our kernel on every back end: timed once
-                results.append(measure(caffe, net, path, backend, args.warmup, args.repeats, dense_out))
+                candidates.append((path, backend))
+        results, profile = measure_all(caffe, net, candidates, args.warmup, args.repeats,
+                                       dense_out)
         caffe.clear_conv_forward_paths()
+        probe = probe_machine(caffe)
+        limit = layer_limit(profile, int(dense_out.size), probe)
     dense_ms = results[0].median_ms
     print(f"layer {args.shape} (synthetic weights and input): {shape}; "
           f"{np.mean(w == 0):.1%} zero weights, {np.mean(x == 0):.1%} zero inputs; "
           f"{args.repeats} measured forwards after {args.warmup} warm-up; "
           f"direct kernel: {caffe.conv_direct_isa()}")
+    print(f"limit t_min {limit['t_min_ms']:.4f} ms = max({limit['useful_macs'] / 1e6:.2f} M useful "
+          f"multiply-adds at {probe['macs_per_second'] / 1e9:.1f} G/s (measured GEMM rate), "
+          f"{limit['bytes'] / 1e6:.2f} MB at {probe['bytes_per_second'] / 1e9:.1f} GB/s "
+          "(measured copy bandwidth))")
     print(f"{'path':<15}{'backend':<9}{'median ms':>10}{'min ms':>9}{'vs dense':>10}"
-          f"{'input2csr':>11}{'multiply':>10}{'max rel diff':>14}")
+          f"{'input prep':>11}{'prep %':>8}{'multiply':>10}{'t_min/t':>9}{'max rel diff':>14}")
     for r in results:
         flag = "  <-- DIFFERS FROM DENSE" if r.max_rel_diff > 1e-4 else ""
+        prep = r.phase_ms.get("input2csr", 0) + r.phase_ms.get("im2col", 0)
         print(f"{r.path:<15}{r.backend:<9}{r.median_ms:>10.3f}{min(r.forward_ms):>9.3f}"
-              f"{dense_ms / r.median_ms:>9.2f}x{r.phase_ms.get('input2csr', 0):>11.3f}"
-              f"{r.phase_ms.get('multiply', 0):>10.3f}{r.max_rel_diff:>14.1e}{flag}")
+              f"{dense_ms / r.median_ms:>9.2f}x{prep:>11.3f}{prep / r.median_ms:>8.0%}"
+              f"{r.phase_ms.get('multiply', 0):>10.3f}{limit['t_min_ms'] / r.median_ms:>9.2f}"
+              f"{r.max_rel_diff:>14.1e}{flag}")
+    print("input prep: im2col + input2csr (direct: the padded copy); t_min/t: share of the limit "
+          "reached; paths timed in interleaved rounds")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"synthetic": True, "shape": args.shape, **shape, "args": vars(args),
                        "direct_isa": caffe.conv_direct_isa(),
                        "machine": machine_info(threads, load_before), "blas_runtime": blas,
+                       "probe": probe, "limit": limit,
                        "results": [dict(asdict(r), median_ms=r.median_ms,
-                                        speedup_vs_dense=dense_ms / r.median_ms) for r in results]},
+                                        speedup_vs_dense=dense_ms / r.median_ms,
+                                        limit_fraction=limit["t_min_ms"] / r.median_ms)
+                                   for r in results]},
                       f, indent=2)
     return 1 if any(r.max_rel_diff > 1e-4 for r in results) else 0
 
