@@ -241,7 +241,7 @@ def test_caffe_inner_product_gtests_on_the_sparse_path(monkeypatch):
     onto the sparse path through the environment."""
     monkeypatch.setenv("SPARSE_CAFFE_FC_PATH", "sparse")
     cases, output = run_gtests(_build(), "InnerProductLayerTest*-*GPU*")
-    assert len(cases) >= 20, output[-2000:]
+    assert len(cases) >= 18, output[-2000:]  # 9 cases x float, double
     failed = [f"{c.suite}.{c.name}: {c.message}" for c in cases if not c.passed]
     assert not failed, "\n".join(failed)
 
