@@ -95,6 +95,9 @@ class ConvTemplateConfig:
         SimdIsa("avx512", "avx512f", ("avx512f",), 512, 16),
         SimdIsa("avx2", "avx2,fma", ("avx2", "fma"), 256, 12),
     )
+    # Forward paths of the InnerProduct (fully connected) multiply, numbered from 1 in this order in
+    # caffe.proto's InnerProductParameter.ForwardPath.
+    fc_forward_paths: tuple[str, ...] = ("dense", "sparse")
 
     def __post_init__(self) -> None:
         if not self.phases or len(set(self.phases)) != len(self.phases):
@@ -106,6 +109,8 @@ class ConvTemplateConfig:
         for isa in self.direct_isas:
             if isa.register_bits not in (256, 512) or not 1 <= isa.max_vectors <= 24:
                 raise ValueError(f"unsupported direct ISA {isa}")
+        if not self.fc_forward_paths or self.fc_forward_paths[0] != "dense":
+            raise ValueError("dense must be the first InnerProduct forward path (the baseline)")
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,25 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "python/caffe/__init__.py",
         ),
 ),
+    PatchSpec(
+        4, "sparse-inner-product",
+        "A sparse forward path for InnerProduct (fully connected) layers: the weights in CSR\n"
+        "(16-bit column indices when the input has at most 65536 values), rebuilt when the weight\n"
+        "blob is written, times the input, several images per pass over the weights, bias fused.\n"
+        "Chosen per layer in the prototxt (inner_product_param.forward_path, or SkimCaffe's\n"
+        "gemm_mode), from pycaffe, or process-wide with SPARSE_CAFFE_FC_PATH; profiled in the\n"
+        "convolution profile under the layer's name. Backward stays dense.",
+        (
+            "src/caffe/proto/caffe.proto",
+            "include/caffe/util/conv_profile.hpp",
+            "include/caffe/util/sparse_inner_product.hpp",
+            "src/caffe/util/sparse_inner_product.cpp",
+            "include/caffe/layers/inner_product_layer.hpp",
+            "src/caffe/layers/inner_product_layer.cpp",
+            "python/caffe/_caffe.cpp",
+            "python/caffe/__init__.py",
+        ),
+    ),
 )
 
 CONV_TEMPLATE_CONFIG = ConvTemplateConfig()

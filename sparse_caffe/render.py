@@ -9,6 +9,7 @@ import difflib
 import hashlib
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import (CAFFE, CONV_TEMPLATE_CONFIG, PATCH_SERIES, PATCHES_DIR, RENDER_COMMAND,
@@ -19,8 +20,17 @@ from .templating import TemplateError, apply_edits, generated_header, parse_edit
 SERIES_FILE = "series"
 
 
-def template_for(path: str, templates_dir: Path = TEMPLATES_DIR) -> tuple[str, bool]:
-    """(template name, is_edit) for a Caffe path: <path>.edit.j2 edits upstream, <path>.j2 is new."""
+def template_for(path: str, templates_dir: Path = TEMPLATES_DIR,
+                 layered_on: PatchSpec | None = None) -> tuple[str, bool]:
+    """(template name, is_edit) for a Caffe path: <path>.edit.j2 edits upstream, <path>.j2 is new.
+    A later patch that edits a file an earlier patch already changed (layered_on: that later
+    patch) uses <path>.<slug>.edit.j2, applied to the file as the earlier patches left it."""
+    if layered_on is not None:
+        name = f"{path}.{layered_on.slug}.edit.j2"
+        if not (templates_dir / name).is_file():
+            raise UserError(f"{path} is in an earlier patch too: patch {layered_on.number} edits it "
+                            f"with templates/{name}, which is missing")
+        return name, True
     edit, whole = f"{path}.edit.j2", f"{path}.j2"
     has_edit, has_whole = (templates_dir / edit).is_file(), (templates_dir / whole).is_file()
     if has_edit == has_whole:
@@ -28,12 +38,34 @@ def template_for(path: str, templates_dir: Path = TEMPLATES_DIR) -> tuple[str, b
     return (edit, True) if has_edit else (whole, False)
 
 
+@dataclass(frozen=True)
+class RenderedFile:
+    """A Caffe file as the series so far leaves it: its body and the templates that made it."""
+
+    path: str
+    body: str
+    templates: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return generated_header(self.path, *self.templates) + self.body
+
+
 def render_file(path: str, spec: PatchSpec, pristine: Path, config: ConvTemplateConfig,
-                templates_dir: Path = TEMPLATES_DIR) -> str:
-    """The complete patched content of one Caffe file."""
-    name, is_edit = template_for(path, templates_dir)
+                templates_dir: Path = TEMPLATES_DIR, earlier: RenderedFile | None = None) -> str:
+    """The complete patched content of one Caffe file (after `earlier`, if an earlier patch of the
+    series changed it already)."""
+    return _render_file(path, spec, pristine, config, templates_dir, earlier).text
+
+
+def _render_file(path: str, spec: PatchSpec, pristine: Path, config: ConvTemplateConfig,
+                 templates_dir: Path, earlier: RenderedFile | None) -> RenderedFile:
+    name, is_edit = template_for(path, templates_dir, spec if earlier is not None else None)
     text = render(name, {"config": config, "patch": spec}, templates_dir)
     upstream = pristine / path
+    if earlier is not None:
+        body = apply_edits(earlier.body, parse_edits(text, name), name, path)
+        return RenderedFile(path, body, earlier.templates + (name,))
     if is_edit:
         if not upstream.is_file():
             raise UserError(f"templates/{name} edits {path}, which the pinned Caffe does not have")
@@ -43,22 +75,31 @@ def render_file(path: str, spec: PatchSpec, pristine: Path, config: ConvTemplate
             raise UserError(f"templates/{name} would replace Caffe's own {path} whole; "
                             f"write templates/{path}.edit.j2 instead")
         body = text
-    return generated_header(path, name) + body
+    return RenderedFile(path, body, (name,))
 
 
 def render_patch(spec: PatchSpec, pristine: Path, config: ConvTemplateConfig,
-                 templates_dir: Path = TEMPLATES_DIR) -> str:
-    diffs = []
+                 templates_dir: Path = TEMPLATES_DIR,
+                 so_far: dict[str, RenderedFile] | None = None) -> str:
+    """One patch's text; so_far (path -> file as the earlier patches left it) is updated."""
+    so_far = {} if so_far is None else so_far
+    diffs, templates = [], []
     for path in spec.files:
-        new = render_file(path, spec, pristine, config, templates_dir)
+        earlier = so_far.get(path)
+        rendered = _render_file(path, spec, pristine, config, templates_dir, earlier)
         old_path = pristine / path
-        old = old_path.read_text() if old_path.is_file() else ""
-        diffs.append(_unified_diff(old, new, path, is_new=not old_path.is_file()))
-    templates = ", ".join(f"templates/{template_for(p, templates_dir)[0]}" for p in spec.files)
+        if earlier is not None:
+            old = earlier.text
+        else:
+            old = old_path.read_text() if old_path.is_file() else ""
+        is_new = earlier is None and not old_path.is_file()
+        diffs.append(_unified_diff(old, rendered.text, path, is_new=is_new))
+        so_far[path] = rendered
+        templates.append(f"templates/{rendered.templates[-1]}")
     header = (
         f"Subject: [PATCH {spec.number:04d}] {spec.slug}\n\n"
         f"{spec.description}\n\n"
-        f"Generated by {RENDER_COMMAND} from {templates}; edit those, not this file.\n"
+        f"Generated by {RENDER_COMMAND} from {', '.join(templates)}; edit those, not this file.\n"
         f"Applies to BVLC Caffe {CAFFE.commit} (tree sha256 {CAFFE.tree_sha256}),\n"
         f"with or without Debian's {CAFFE.debian_version} patches.\n"
         "---\n"
@@ -87,7 +128,8 @@ def render_series(pristine: Path, out_dir: Path = PATCHES_DIR,
     """Write the series into out_dir; return the names of files that changed (or were removed)."""
     _check_series(series, templates_dir)
     try:
-        wanted = {spec.filename: render_patch(spec, pristine, config, templates_dir)
+        so_far: dict[str, RenderedFile] = {}
+        wanted = {spec.filename: render_patch(spec, pristine, config, templates_dir, so_far)
                   for spec in series}
     except TemplateError as exc:
         raise UserError(str(exc)) from None
@@ -110,11 +152,14 @@ def _check_series(series: tuple[PatchSpec, ...], templates_dir: Path) -> None:
     numbers = [spec.number for spec in series]
     if numbers != list(range(1, len(series) + 1)):
         raise UserError(f"patch numbers must run 1..{len(series)} in order, got {numbers}")
-    claimed = [path for spec in series for path in spec.files]
-    duplicates = sorted({p for p in claimed if claimed.count(p) > 1})
-    if duplicates:
-        raise UserError(f"files in more than one patch: {', '.join(duplicates)}")
-    used = {template_for(path, templates_dir)[0] for path in claimed}
+    used, seen = set(), set()
+    for spec in series:
+        duplicates = sorted({p for p in spec.files if spec.files.count(p) > 1})
+        if duplicates:
+            raise UserError(f"files named twice in patch {spec.number}: {', '.join(duplicates)}")
+        for path in spec.files:
+            used.add(template_for(path, templates_dir, spec if path in seen else None)[0])
+            seen.add(path)
     orphans = sorted(p.relative_to(templates_dir).as_posix() for p in templates_dir.rglob("*.j2")
                      if p.relative_to(templates_dir).as_posix() not in used)
     if orphans:

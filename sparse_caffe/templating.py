@@ -63,10 +63,12 @@ def _template_line(exc: BaseException, template_name: str) -> str:
     return line
 
 
-def generated_header(target: str, template_name: str) -> str:
+def generated_header(target: str, *template_names: str) -> str:
     comment = "#" if target.endswith((".py", ".txt", ".cmake")) else "//"
-    return (f"{comment} @generated from templates/{template_name} by {RENDER_COMMAND};"
-            f" edit the template, not this file.\n")
+    names = " and ".join(f"templates/{name}" for name in template_names)
+    plural = "s" if len(template_names) > 1 else ""
+    return (f"{comment} @generated from {names} by {RENDER_COMMAND};"
+            f" edit the template{plural}, not this file.\n")
 
 
 _DIRECTIVE = re.compile(r"^\s*(?://|#)@\s*(after|before|replace|through):\s?(.*?)\s*$")

@@ -136,3 +136,23 @@ def test_every_series_file_is_a_real_template():
     for spec in PATCH_SERIES:
         for path in spec.files:
             assert render.template_for(path)[0].endswith(".j2")
+
+
+def test_a_later_patch_layers_its_edits_on_an_earlier_patchs_file(tmp_path, upstream, templates):
+    """A file two patches change: the later one's <path>.<slug>.edit.j2 edits the earlier result."""
+    layered = PatchSpec(3, "more-io", "Edit io.cpp again.", ("src/caffe/util/io.cpp",))
+    series = SERIES + (layered,)
+    with pytest.raises(UserError, match="io.cpp.more-io.edit.j2, which is missing"):
+        do_render(upstream, tmp_path / "patches", templates, series)
+    (templates / "src/caffe/util/io.cpp.more-io.edit.j2").write_text(
+        "//@ after:   return 2;\n  // patched twice\n")
+    out = tmp_path / "patches"
+    do_render(upstream, out, templates, series)
+    tree = tmp_path / "tree"
+    shutil.copytree(upstream, tree)
+    render.apply_series(tree, out)
+    text = (tree / "src/caffe/util/io.cpp").read_text()
+    assert "  return 2;\n  // patched twice\n" in text
+    assert text.startswith("// @generated from templates/src/caffe/util/io.cpp.edit.j2 and "
+                           "templates/src/caffe/util/io.cpp.more-io.edit.j2 by ./inv render;")
+    assert "--- a/src/caffe/util/io.cpp" in (out / "0003-more-io.patch").read_text()
