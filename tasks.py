@@ -184,6 +184,8 @@ def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zer
             "warmup": "unmeasured forwards first (default 3)",
             "layers": "only convolutions whose name matches this regular expression",
             "transform": "fold (BatchNorm folded, ReLU fused; default) or none",
+            "fc_path": "fully connected layers under every path but dense: sparse (default) or "
+                       "dense (under dense they are always dense)",
             "pytorch": "also time each layer in PyTorch's CPU convolution (installs torch 2.13.0 "
                        "the first time)",
             "docker": "time it in a container of the image ./inv build --docker made (the run is "
@@ -191,12 +193,13 @@ def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zer
 @user_errors
 def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="openmp",
           blas="openblas", batch=1, threads=0, images=None, repeats=20, warmup=3, layers=None,
-          transform="fold", pytorch=False, docker=False):
+          transform="fold", fc_path="sparse", pytorch=False, docker=False):
     """Benchmark every convolution of a net on every forward path; write results/<run>/."""
     options = bench_stage.BenchOptions(
         net=net, weights=bench_stage.user_weights(weights), paths=bench_stage.parse_paths(paths),
         backend=backend, batch=batch, threads=threads, images=bench_stage.user_images(images),
-        repeats=repeats, warmup=warmup, layers=layers, transform=transform, pytorch=pytorch)
+        repeats=repeats, warmup=warmup, layers=layers, transform=transform, fc_path=fc_path,
+        pytorch=pytorch)
     bench_stage.results_folder()  # writable, before anything is built
     if backend == "mkl" and blas != "mkl":
         raise UserError("--backend mkl needs an MKL build: add --blas mkl")

@@ -30,6 +30,7 @@ from .errors import UserError
 PATHS = CONV_TEMPLATE_CONFIG.forward_paths  # the paths the build has, dense first
 BACKENDS = ("openmp", "mkl")
 TRANSFORMS = ("fold", "none")
+FC_PATHS = CONV_TEMPLATE_CONFIG.fc_forward_paths
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class BenchOptions:
     warmup: int = 3
     layers: str | None = None
     transform: str = "fold"
+    fc_path: str = "sparse"  # InnerProduct layers under every path but dense
     pytorch: bool = False  # also time each layer in PyTorch's CPU convolution (installed on demand)
 
     def __post_init__(self) -> None:
@@ -60,6 +62,8 @@ class BenchOptions:
             raise UserError("--paths must start with dense: every ratio is measured against it")
         if self.backend not in BACKENDS:
             raise UserError(f"unknown backend {self.backend!r}: choose openmp or mkl")
+        if self.fc_path not in FC_PATHS:
+            raise UserError(f"unknown --fc-path {self.fc_path!r}: choose {' or '.join(FC_PATHS)}")
         if self.transform not in TRANSFORMS:
             raise UserError(f"unknown transform {self.transform!r}: choose fold or none")
         for name in ("batch", "repeats"):

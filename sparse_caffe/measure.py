@@ -195,6 +195,8 @@ def measure(caffe, net, layers, feeds, image_count, spec):
         caffe.set_conv_sparse_backend(spec["backend"])
         for name in layers:
             caffe.set_conv_forward_path(path, name)
+        if hasattr(caffe, "set_fc_forward_path"):  # InnerProduct: dense under dense, else fc_path
+            caffe.set_fc_forward_path("dense" if path == paths[0] else spec.get("fc_path", "dense"))
 
     def forward(feed):
         net.blobs["data"].data[...] = feed
@@ -273,6 +275,8 @@ def measure(caffe, net, layers, feeds, image_count, spec):
             top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(batch, -1).argmax(1))
         predictions[path] = top1
     caffe.clear_conv_forward_paths()
+    if hasattr(caffe, "set_fc_forward_path"):
+        caffe.clear_fc_forward_paths()
     baseline = predictions[paths[0]]
     for path in paths:
         same = sum(a == b for a, b in zip(predictions[path], baseline))

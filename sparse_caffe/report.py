@@ -242,6 +242,7 @@ def table(results: dict) -> str:
                      + (f" ({at_limit:.0%} of limit)" if at_limit is not None else ""))
     net = results["net"]
     lines.append("-" * len(head))
+    fc_path = results["params"].get("fc_path", "dense")
     lines.append(f"{'whole net (ms)':<30}" + "".join(
         f"{net[p]['stats']['median']:8.2f} {net[p]['speedup_vs_dense']:4.1f}x"
         f"{unclear(net[p], p == paths[0]) or ' '}" for p in paths))
@@ -257,7 +258,9 @@ def table(results: dict) -> str:
     lines.append(f"weights: {weights['kind']}{' (SYNTHETIC)' if weights['synthetic'] else ''}; "
                  f"times are medians of {results['params']['repeats']} forwards, ms; "
                  "'!' = output differs from dense; '~' = no clear difference from dense (the "
-                 "round-by-round ratios' quartiles straddle 1); limit = t_min / t, t_min = "
+                 "round-by-round ratios' quartiles straddle 1); whole net: the convolutions on "
+                 f"the column's path, fully connected layers {fc_path} (dense under dense); "
+                 "limit = t_min / t, t_min = "
                  "max(useful multiply-adds at the measured GEMM rate, bytes at the measured "
                  "bandwidth)")
     for problem in results["problems"]:
