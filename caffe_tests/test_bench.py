@@ -63,6 +63,15 @@ def test_json_schema(run_dir):
     assert set(r["net"]) == set(r["params"]["paths"])
     for result in r["net"].values():
         assert {"layer_sum_ms", "consistency_gap", "stages_ms", "layers_ms"} <= set(result)
+    # the per-layer plan: every timed convolution on one of the paths, the whole net timed
+    # alongside dense round by round, its top-1 equal to dense's
+    plan = r["plan"]
+    assert set(plan["layers"]) == {layer["name"] for layer in r["layers"]}
+    assert set(plan["layers"].values()) <= set(r["params"]["paths"])
+    assert len(plan["times_ms"]) == len(plan["dense_times_ms"]) == 2
+    assert plan["speedup_vs_dense"] == pytest.approx(
+        statistics.median(plan["dense_times_ms"]) / statistics.median(plan["times_ms"]))
+    assert plan["top1_agreement"] == 1.0
     # The whole-vs-layers gap depends on the machine's load; every other problem is a failure.
     assert [p for p in r["problems"] if "one at a time" not in p] == []
     # The BLAS that pycaffe loaded, read from the library at run time.

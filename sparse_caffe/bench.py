@@ -286,6 +286,7 @@ def run_benchmark(build: Build, options: BenchOptions,
             software = measure_in_docker(build, image, partial, threads)
         raw = json.loads((partial / "raw.json").read_text())
         layers, net, problems = report.derive(raw, options.batch)
+        plan = net.pop("plan", None)  # not a path: the per-layer choice, timed whole
         weights = raw["weights"]
         results = {
             "schema": report.SCHEMA,
@@ -306,6 +307,7 @@ def run_benchmark(build: Build, options: BenchOptions,
             "agreement_tolerance": raw["agreement_tolerance"],
             "layers": layers,
             "net": net,
+            "plan": plan,
             "problems": problems,
         }
         (partial / "results.json").write_text(json.dumps(results, indent=1) + "\n")

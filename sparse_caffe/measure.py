@@ -257,6 +257,7 @@ def measure(caffe, net, layers, feeds, image_count, spec):
                 net._forward(index, index)
                 measured["layer_times_ms"][name].append((time.perf_counter() - start) * 1e3)
             progress("round", path, i)
+    plan = measure_plan(caffe, net, layers, feeds, spec, results) if len(paths) > 1 else None
     reference, dense_inputs, predictions = {}, {}, {}
     for path in paths:  # correctness against dense on the first batch, top-1 over every image
         use(path)
@@ -281,7 +282,79 @@ def measure(caffe, net, layers, feeds, image_count, spec):
     for path in paths:
         same = sum(a == b for a, b in zip(predictions[path], baseline))
         results[path]["top1_agreement"] = same / len(baseline)
-    return {"paths": results, "reference": reference, "dense_inputs": dense_inputs}
+    if plan is not None:
+        plan["top1_agreement"] = plan_top1(caffe, net, plan, feeds, image_count, batch,
+                                           output_blob, baseline, spec)
+    return {"paths": results, "plan": plan, "reference": reference, "dense_inputs": dense_inputs}
+
+
+def use_plan(caffe, plan, spec):
+    """Every convolution on its planned path; fully connected layers as under sparse columns."""
+    caffe.clear_conv_forward_paths()
+    caffe.set_conv_sparse_backend(spec["backend"])
+    for name, path in plan["layers"].items():
+        caffe.set_conv_forward_path(path, name)
+    if hasattr(caffe, "set_fc_forward_path"):
+        caffe.set_fc_forward_path(spec.get("fc_path", "dense"))
+
+
+def measure_plan(caffe, net, layers, feeds, spec, results):
+    """The per-layer wins collected: each convolution on the path whose median layer time was
+    lowest in the rounds just measured (ties and near-ties, within 5%, go to dense), then
+    spec["repeats"] rounds of {dense whole forward, planned whole forward} in alternating order."""
+    paths = spec["paths"]
+    baseline = paths[0]
+
+    def median(values):
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+    choice, layer_ms = {}, {}
+    for name in layers:
+        times = {path: median([sum(v) for v in zip(*results[path]["phases_ms"][name].values())])
+                 for path in paths}
+        best = min(paths, key=lambda path: times[path])
+        choice[name] = best if times[best] < 0.95 * times[baseline] else baseline
+        layer_ms[name] = times
+    plan = {"layers": choice, "rule": "fastest median layer time in this run's rounds; dense "
+                                      "unless a path is more than 5% faster",
+            "net_times_ms": [], "dense_net_times_ms": []}
+    for i in range(spec["warmup"]):
+        use_plan(caffe, plan, spec)
+        net.blobs["data"].data[...] = feeds[i % len(feeds)]
+        net.forward()
+    for i in range(spec["repeats"]):
+        feed = feeds[i % len(feeds)]
+        for planned in ((True, False) if i % 2 else (False, True)):
+            if planned:
+                use_plan(caffe, plan, spec)
+            else:
+                caffe.clear_conv_forward_paths()
+                if hasattr(caffe, "set_fc_forward_path"):
+                    caffe.set_fc_forward_path("dense")
+            net.blobs["data"].data[...] = feed
+            start = time.perf_counter()
+            net.forward()
+            elapsed = (time.perf_counter() - start) * 1e3
+            plan["net_times_ms" if planned else "dense_net_times_ms"].append(elapsed)
+    say("[plan] {} of {} convolutions off dense; timed against dense in {} rounds".format(
+        sum(p != baseline for p in choice.values()), len(choice), spec["repeats"]))
+    return plan
+
+
+def plan_top1(caffe, net, plan, feeds, image_count, batch, output_blob, baseline, spec):
+    """Top-1 of the planned net over every image, as a fraction agreeing with dense."""
+    use_plan(caffe, plan, spec)
+    top1 = []
+    for feed in feeds[:-(-image_count // batch)]:
+        net.blobs["data"].data[...] = feed
+        net.forward()
+        top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(batch, -1).argmax(1))
+    caffe.clear_conv_forward_paths()
+    if hasattr(caffe, "set_fc_forward_path"):
+        caffe.clear_fc_forward_paths()
+    return sum(a == b for a, b in zip(top1, baseline)) / len(baseline)
 
 
 def checked_blas_runtime(net, threads):
@@ -300,6 +373,7 @@ def raw_result(caffe, net, layers, measured, weights, images, pytorch, blas):
             "net_layers": [[name, layer.type] for name, layer in zip(net._layer_names, net.layers)],
             "blas_runtime": blas,
             "shapes": layer_shapes(net, layers), "paths": measured["paths"],
+            "plan": measured.get("plan"),
             "agreement_tolerance": AGREEMENT_TOLERANCE,
             "backends_in_build": list(caffe.conv_sparse_backends())}
 

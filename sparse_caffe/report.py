@@ -137,6 +137,18 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
     for path in paths:
         net[path]["speedup_vs_dense"] = net[baseline]["stats"]["median"] / net[path]["stats"]["median"]
         net[path]["speedup_per_round"] = round_ratios(net[baseline]["times_ms"], net[path]["times_ms"])
+    plan = raw.get("plan")
+    if plan:
+        dense_times, times = plan["dense_net_times_ms"], plan["net_times_ms"]
+        net["plan"] = {"layers": plan["layers"], "rule": plan["rule"], "times_ms": times,
+                       "stats": stats(times), "dense_times_ms": dense_times,
+                       "dense_stats": stats(dense_times),
+                       "speedup_vs_dense": statistics.median(dense_times) / statistics.median(times),
+                       "speedup_per_round": round_ratios(dense_times, times),
+                       "top1_agreement": plan["top1_agreement"]}
+        if plan["top1_agreement"] < 1.0:
+            problems.append(f"whole net on the per-layer plan: top-1 agrees with dense on "
+                            f"{plan['top1_agreement']:.1%} of the images")
     return layers, net, problems
 
 
@@ -247,6 +259,16 @@ def table(results: dict) -> str:
         f"{net[p]['stats']['median']:8.2f} {net[p]['speedup_vs_dense']:4.1f}x"
         f"{unclear(net[p], p == paths[0]) or ' '}" for p in paths))
     lines.append(f"{'top-1 agreement':<30}" + "".join(f"{net[p]['top1_agreement']:>14.0%} " for p in paths))
+    plan = results.get("plan")
+    if plan:
+        chosen = {}
+        for path in plan["layers"].values():
+            chosen[path] = chosen.get(path, 0) + 1
+        lines.append(f"{'per-layer plan (ms)':<30}{plan['stats']['median']:8.2f} "
+                     f"{plan['speedup_vs_dense']:4.1f}x{unclear(plan, False)} vs dense "
+                     f"{plan['dense_stats']['median']:.2f} ms timed alongside; top-1 "
+                     f"{plan['top1_agreement']:.0%}; layers: "
+                     + ", ".join(f"{n} {p}" for p, n in sorted(chosen.items(), key=lambda x: -x[1])))
     if all("stages_ms" in net[p] for p in paths):
         lines.append(f"{'sum of layers (ms)':<30}" + "".join(
             f"{net[p]['layer_sum_ms']:8.2f} {net[p]['consistency_gap']:+5.0%} " for p in paths))

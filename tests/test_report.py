@@ -27,6 +27,7 @@ def only_paths(results: dict, paths: list[str]) -> dict:
     results["params"]["paths"] = paths
     for layer in results["layers"]:
         layer["paths"] = {p: layer["paths"][p] for p in paths}
+        layer.pop("pytorch", None)  # only the paths asked for
     results["net"] = {p: results["net"][p] for p in paths}
     return results
 
