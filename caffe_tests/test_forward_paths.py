@@ -193,6 +193,22 @@ def test_profile_counts_useful_multiply_adds(caffe, make_net, paths, profiling):
         assert (p["seconds"]["output"] > 0) == (path == "sparse_output")
 
 
+def test_dense_time_never_includes_the_weights_csr(caffe, make_net, paths, profiling):
+    """The profile counts useful multiply-adds on dense too, from the weights' CSR; building that
+    CSR (after every weight change) must not land in dense's time, only in a sparse path's."""
+    net = make_net(conv_spec(caffe, "conv_w2c", (1, 16, 9, 9), 16, dict(kernel_size=3)))
+    rng = np.random.default_rng(5)
+    net.blobs["data"].data[...] = random_input(rng, (1, 16, 9, 9), 0.5)
+    for path in ("dense", "spmdm"):
+        caffe.set_conv_forward_path(path, "conv_w2c")
+        net.params["conv_w2c"][0].data[...] = sparse_weights(rng, (16, 16, 3, 3), 0.9)  # new version
+        caffe.reset_conv_profile()
+        net.forward()
+        p = caffe.conv_profile()["conv_w2c"]
+        assert p["useful_macs"] > 0
+        assert (p["seconds"]["weight2csr"] > 0) == (path == "spmdm"), (path, p["seconds"])
+
+
 def test_deconvolution_falls_back_to_dense(caffe, make_net, paths):
     L = caffe.layers
     n = caffe.NetSpec()
