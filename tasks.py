@@ -221,6 +221,33 @@ def report(c, run_dir):
     print(report_stage.table(results))
 
 
+@task(help={"net": "caffenet, resnet50 or resnet50-1by2",
+            "weights": "as for bench (default: SkimCaffe's if fetched, else the synthetic default)",
+            "batch": "images per forward (default 1)", "blas": BLAS_HELP,
+            "paths": "comma-separated forward paths, dense first (default: every path)",
+            "forwards": "forwards after the warm-up (default 200)",
+            "threads": "OpenMP/BLAS/MKL threads (default: every core)"})
+@user_errors
+def memory(c, net, weights="auto", batch=1, blas="openblas", paths=",".join(bench_stage.PATHS),
+           forwards=200, threads=0):
+    """Peak resident memory of the whole net per forward path (fresh process each), and growth."""
+    options = bench_stage.BenchOptions(net=net, weights=bench_stage.user_weights(weights),
+                                       paths=bench_stage.parse_paths(paths), batch=batch,
+                                       threads=threads)
+    result = build_stage.build(BuildOptions(blas=blas))
+    record, target = run_stage.memory(result, options.net, options.weights, options.batch,
+                                      list(options.paths), forwards,
+                                      run_stage.check_threads(options.threads))
+    print(f"{'path':<15}{'peak MiB':>10}{'vs dense':>10}{'forwards MiB':>14}{'growth MiB':>12}")
+    for path, entry in record["paths"].items():
+        flag = "  > 1.2x dense" if entry["peak_vs_dense"] > run_stage.MEMORY_TOLERANCE else ""
+        print(f"{path:<15}{entry['after_forwards']['peak_mib']:>10.0f}{entry['peak_vs_dense']:>9.2f}x"
+              f"{entry['forward_peak_mib']:>14.1f}{entry['growth_after_warmup_mib']:>12.1f}{flag}")
+    print("peak: the process's peak resident memory over the forwards (net built, then the peak "
+          "restarted); forwards: that peak above the resident size before the first forward; "
+          f"growth: resident memory after {forwards} forwards minus after the warm-up; {target}")
+
+
 @task(help={"run_dir": "a folder written by ./inv bench (natively, OpenBLAS or MKL build)",
             "forwards": "forwards timed in the plain loop"})
 @user_errors
@@ -256,6 +283,6 @@ def clean(c, all=False):
 
 
 namespace = Collection(fetch, render, build, test, fetch_weights, inspect, bench, report,
-                       compare, bench_layer, check_baseline, clean)
+                       compare, bench_layer, check_baseline, memory, clean)
 namespace.configure({"run": {"echo": True}})
 os.chdir(PROJECT_ROOT)

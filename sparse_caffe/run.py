@@ -145,6 +145,47 @@ def inspect(build: Build, net: str, weights: str, images: str | None, batch: int
     return target
 
 
+# Peak resident memory of a sparse path may exceed dense's by this much (issue 14's bound).
+MEMORY_TOLERANCE = 1.2
+
+
+def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], forwards: int,
+           threads: int) -> tuple[dict, Path]:
+    """Peak and steady resident memory of the whole net on each path, each in a fresh pycaffe
+    process (see sparse_caffe.rss_probe); written to results/memory/<net>-b<batch>-<time>.json."""
+    if forwards < 1 or batch < 1:
+        raise UserError("--forwards and --batch must be at least 1")
+    out_dir = writable_folder(results_dir() / "memory", "the results folder (SPARSE_CAFFE_RESULTS)")
+    spec = {"net": net, "weights": weights, "batch": batch, "images": None, "layers": None,
+            "transform": "fold", "cache_dir": str(cache_dir())}
+    measured = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        for path in paths:
+            env = {**build.env(), **thread_env(threads)}
+            env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
+            result = subprocess.run([sys.executable, "-m", "sparse_caffe.rss_probe", str(spec_file),
+                                     "--path", path, "--forwards", str(forwards)], env=env,
+                                    capture_output=True, text=True)
+            raise_for(result, f"the memory probe on {path}")
+            measured[path] = json.loads(result.stdout.strip().splitlines()[-1])
+    dense = measured[paths[0]]["after_forwards"]["peak_mib"]
+    for entry in measured.values():
+        entry["peak_vs_dense"] = entry["after_forwards"]["peak_mib"] / dense
+        entry["forward_peak_mib"] = (entry["after_forwards"]["peak_mib"]
+                                     - entry["before_forward"]["rss_mib"])
+        entry["growth_after_warmup_mib"] = (entry["after_forwards"]["rss_mib"]
+                                            - entry["after_warmup"]["rss_mib"])
+    record = {"net": net, "weights": weights, "batch": batch, "threads": threads,
+              "forwards": forwards, "tolerance": MEMORY_TOLERANCE, "paths": measured}
+    target = out_dir / f"{net}-b{batch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.rename(target)
+    return record, target
+
+
 def bench_layer_check(shape: str, threads: int, weight_zeros: float, input_zeros: float,
                       repeats: int) -> int:
     """./inv bench-layer's options, checked before anything is built; returns the threads."""

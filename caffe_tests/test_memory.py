@@ -1,0 +1,32 @@
+"""./inv memory through the real command: per path, in fresh processes, the peak resident memory of
+the forwards, its ratio to dense's, and the growth after the warm-up (a leak check)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sparse_caffe.config import PROJECT_ROOT
+
+
+def test_memory_per_path_in_fresh_processes(tmp_path):
+    env = {**os.environ, "SPARSE_CAFFE_RESULTS": str(tmp_path)}
+    done = subprocess.run([str(Path(sys.executable).parent / "invoke"), "memory", "--net",
+                           "caffenet", "--weights", "synthetic", "--paths", "dense,direct",
+                           "--forwards", "3", "--threads", "1"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [record_file] = (tmp_path / "memory").iterdir()
+    record = json.loads(record_file.read_text())
+    assert list(record["paths"]) == ["dense", "direct"] and record["forwards"] == 3
+    dense, direct = record["paths"]["dense"], record["paths"]["direct"]
+    for entry in (dense, direct):
+        # the peak restarts once the net is built: it covers the forwards, never less than now
+        assert entry["after_forwards"]["peak_mib"] >= entry["after_forwards"]["rss_mib"] > 0
+        assert entry["forward_peak_mib"] == entry["after_forwards"]["peak_mib"] - \
+            entry["before_forward"]["rss_mib"]
+    assert direct["peak_vs_dense"] == direct["after_forwards"]["peak_mib"] / \
+        dense["after_forwards"]["peak_mib"]
+    assert "direct" in done.stdout and str(record_file) in done.stdout
