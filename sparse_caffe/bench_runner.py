@@ -146,6 +146,15 @@ def prepare(caffe, spec: dict):
     return net, net_text, layers, weights, images
 
 
+def prepare_from_file(spec_file: str):
+    """For the pycaffe modules run on a benchmark spec (plain_forward, rss_probe): pycaffe in CPU
+    mode, and prepare()'s net, prototxt, convolutions, weights and images for the spec in
+    spec_file. A user mistake raises UserError."""
+    import caffe
+    caffe.set_mode_cpu()
+    return (caffe, *prepare(caffe, json.loads(Path(spec_file).read_text())))
+
+
 def run(spec: dict) -> dict:
     import caffe
     caffe.set_mode_cpu()

@@ -48,10 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--forwards", type=int, default=200)
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())
-    import caffe
-    caffe.set_mode_cpu()
     try:
-        net, _, layers, _, images = bench_runner.prepare(caffe, spec)
+        caffe, net, _, layers, _, images = bench_runner.prepare_from_file(args.spec)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

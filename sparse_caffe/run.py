@@ -49,17 +49,32 @@ def thread_env(threads: int) -> dict:
 
 
 def pycaffe(build: Build, module: str, args: list[str], threads: int,
-            capture_stderr: bool = False, capture_stdout: bool = False) -> subprocess.CompletedProcess:
+            capture_stderr: bool = False, capture_stdout: bool = False,
+            extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m sparse_caffe.<module> args` with the build's pycaffe and `threads` threads."""
     env = build.env()
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
     env.update(thread_env(threads))
+    env.update(extra_env or {})
     # subprocess.run kills the child if this process is interrupted (Ctrl-C, SIGTERM through
     # tasks.user_errors); die_with_parent covers a parent killed outright.
     return subprocess.run([sys.executable, "-m", f"sparse_caffe.{module}", *args], env=env,
                           stderr=subprocess.PIPE if capture_stderr else None,
                           stdout=subprocess.PIPE if capture_stdout else None, text=True,
                           preexec_fn=die_with_parent)
+
+
+def pycaffe_json(build: Build, module: str, spec: dict, args: list[str], threads: int, what: str,
+                 extra_env: dict | None = None) -> dict:
+    """Run a pycaffe module that reads a benchmark spec (a JSON file, its first argument) and
+    prints one JSON object last; that object, or one line for its failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        result = pycaffe(build, module, [str(spec_file), *args], threads, capture_stderr=True,
+                         capture_stdout=True, extra_env=extra_env)
+    raise_for(result, what)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def raise_for(result: subprocess.CompletedProcess, what: str, error_file: Path | None = None) -> None:
@@ -93,17 +108,9 @@ def check_baseline(build: Build, results: dict, forwards: int = 30) -> tuple[flo
     spec = {**params, "paths": ["dense"], "weights": str(weights),
             "images": int(images) if isinstance(images, str) and images.isdigit() else images,
             "cache_dir": str(cache_dir())}
-    threads = int(params["threads"])
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_file = Path(tmp) / "spec.json"
-        spec_file.write_text(json.dumps(spec))
-        env = {**build.env(), **thread_env(threads), "OMP_WAIT_POLICY": "passive"}
-        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
-        result = subprocess.run([sys.executable, "-m", "sparse_caffe.plain_forward", str(spec_file),
-                                 "--forwards", str(forwards)], env=env, capture_output=True,
-                                text=True)
-    raise_for(result, "the plain pycaffe loop")
-    plain = json.loads(result.stdout.strip().splitlines()[-1])["median_ms"]
+    plain = pycaffe_json(build, "plain_forward", spec, ["--forwards", str(forwards)],
+                         int(params["threads"]), "the plain pycaffe loop",
+                         extra_env={"OMP_WAIT_POLICY": "passive"})["median_ms"]
     bench = results["net"]["dense"]["stats"]["median"]
     if abs(bench - plain) / plain > BASELINE_TOLERANCE:
         raise UserError(f"bench's dense whole forward ({bench:.2f} ms) is {bench / plain:.2f}x the "
@@ -158,18 +165,9 @@ def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], f
     out_dir = writable_folder(results_dir() / "memory", "the results folder (SPARSE_CAFFE_RESULTS)")
     spec = {"net": net, "weights": weights, "batch": batch, "images": None, "layers": None,
             "transform": "fold", "cache_dir": str(cache_dir())}
-    measured = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_file = Path(tmp) / "spec.json"
-        spec_file.write_text(json.dumps(spec))
-        for path in paths:
-            env = {**build.env(), **thread_env(threads)}
-            env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
-            result = subprocess.run([sys.executable, "-m", "sparse_caffe.rss_probe", str(spec_file),
-                                     "--path", path, "--forwards", str(forwards)], env=env,
-                                    capture_output=True, text=True)
-            raise_for(result, f"the memory probe on {path}")
-            measured[path] = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = {path: pycaffe_json(build, "rss_probe", spec, ["--path", path, "--forwards",
+                                                            str(forwards)], threads,
+                                   f"the memory probe on {path}") for path in paths}
     dense = measured[paths[0]]["after_forwards"]["peak_mib"]
     for entry in measured.values():
         entry["peak_vs_dense"] = entry["after_forwards"]["peak_mib"] / dense
