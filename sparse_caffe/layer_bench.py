@@ -108,16 +108,6 @@ def measure_all(caffe, net, candidates, warmup: int, repeats: int, dense_out):
     return results, counters[candidates[0]]
 
 
-def layer_limit(profile: dict, output_elements: int, probe: dict) -> dict:
-    """t_min = max(useful multiply-adds at the measured GEMM rate, bytes at the measured
-    bandwidth); bytes: nonzero weights (value + index), input and output, once each."""
-    moved = 8 * profile["weight_nonzeros"] + 4 * profile["input_elements"] + 4 * output_elements
-    compute_ms = profile["useful_macs"] / probe["macs_per_second"] * 1e3
-    memory_ms = moved / probe["bytes_per_second"] * 1e3
-    return {"t_min_ms": max(compute_ms, memory_ms), "compute_ms": compute_ms,
-            "memory_ms": memory_ms, "bytes": moved, "useful_macs": profile["useful_macs"]}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="res5_branch2b")
@@ -137,6 +127,7 @@ def main(argv=None) -> int:
     from .errors import UserError
     from .machine import machine_info
     from .measure import checked_blas_runtime, probe_machine
+    from .report import lower_bound
     load_before = os.getloadavg()
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     caffe.set_mode_cpu()
@@ -160,7 +151,8 @@ def main(argv=None) -> int:
                                        dense_out)
         caffe.clear_conv_forward_paths()
         probe = probe_machine(caffe)
-        limit = layer_limit(profile, int(dense_out.size), probe)
+        limit = lower_bound(profile["useful_macs"], profile["weight_nonzeros"],
+                            profile["input_elements"], int(dense_out.size), probe)
     dense_ms = results[0].median_ms
     print(f"layer {args.shape} (synthetic weights and input): {shape}; "
           f"{np.mean(w == 0):.1%} zero weights, {np.mean(x == 0):.1%} zero inputs; "

@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -270,11 +271,7 @@ def measure(caffe, net, layers, feeds, image_count, spec):
         results[path]["max_rel_diff"] = {
             name: float(np.abs(outputs[name] - reference[name]).max() /
                         max(float(np.abs(reference[name]).max()), 1e-30)) for name in layers}
-        top1 = []
-        for feed in feeds[:-(-image_count // batch)]:
-            forward(feed)
-            top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(batch, -1).argmax(1))
-        predictions[path] = top1
+        predictions[path] = top1_of(net, feeds, image_count, batch, output_blob)
     caffe.clear_conv_forward_paths()
     if hasattr(caffe, "set_fc_forward_path"):
         caffe.clear_fc_forward_paths()
@@ -282,10 +279,24 @@ def measure(caffe, net, layers, feeds, image_count, spec):
     for path in paths:
         same = sum(a == b for a, b in zip(predictions[path], baseline))
         results[path]["top1_agreement"] = same / len(baseline)
-    if plan is not None:
-        plan["top1_agreement"] = plan_top1(caffe, net, plan, feeds, image_count, batch,
-                                           output_blob, baseline, spec)
+    if plan is not None:  # top-1 of the planned net, as a fraction agreeing with dense
+        use_plan(caffe, plan, spec)
+        top1 = top1_of(net, feeds, image_count, batch, output_blob)
+        plan["top1_agreement"] = sum(a == b for a, b in zip(top1, baseline)) / len(baseline)
+        caffe.clear_conv_forward_paths()
+        if hasattr(caffe, "set_fc_forward_path"):
+            caffe.clear_fc_forward_paths()
     return {"paths": results, "plan": plan, "reference": reference, "dense_inputs": dense_inputs}
+
+
+def top1_of(net, feeds, image_count, batch, output_blob):
+    """The net's top-1 class for every image: the first ceil(image_count / batch) feeds."""
+    top1 = []
+    for feed in feeds[:-(-image_count // batch)]:
+        net.blobs["data"].data[...] = feed
+        net.forward()
+        top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(batch, -1).argmax(1))
+    return top1
 
 
 def use_plan(caffe, plan, spec):
@@ -304,19 +315,13 @@ def measure_plan(caffe, net, layers, feeds, spec, results):
     spec["repeats"] rounds of {dense whole forward, planned whole forward} in alternating order."""
     paths = spec["paths"]
     baseline = paths[0]
-
-    def median(values):
-        ordered = sorted(values)
-        middle = len(ordered) // 2
-        return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-    choice, layer_ms = {}, {}
+    choice = {}
     for name in layers:
-        times = {path: median([sum(v) for v in zip(*results[path]["phases_ms"][name].values())])
+        times = {path: statistics.median([sum(v) for v in
+                                          zip(*results[path]["phases_ms"][name].values())])
                  for path in paths}
         best = min(paths, key=lambda path: times[path])
         choice[name] = best if times[best] < 0.95 * times[baseline] else baseline
-        layer_ms[name] = times
     plan = {"layers": choice, "rule": "fastest median layer time in this run's rounds; dense "
                                       "unless a path is more than 5% faster",
             "net_times_ms": [], "dense_net_times_ms": []}
@@ -341,20 +346,6 @@ def measure_plan(caffe, net, layers, feeds, spec, results):
     say("[plan] {} of {} convolutions off dense; timed against dense in {} rounds".format(
         sum(p != baseline for p in choice.values()), len(choice), spec["repeats"]))
     return plan
-
-
-def plan_top1(caffe, net, plan, feeds, image_count, batch, output_blob, baseline, spec):
-    """Top-1 of the planned net over every image, as a fraction agreeing with dense."""
-    use_plan(caffe, plan, spec)
-    top1 = []
-    for feed in feeds[:-(-image_count // batch)]:
-        net.blobs["data"].data[...] = feed
-        net.forward()
-        top1.extend(int(k) for k in net.blobs[output_blob].data.reshape(batch, -1).argmax(1))
-    caffe.clear_conv_forward_paths()
-    if hasattr(caffe, "set_fc_forward_path"):
-        caffe.clear_fc_forward_paths()
-    return sum(a == b for a, b in zip(top1, baseline)) / len(baseline)
 
 
 def checked_blas_runtime(net, threads):

@@ -33,19 +33,25 @@ def stats(values: list[float]) -> dict:
             "rounds": len(ordered)}
 
 
-def layer_limit(entry: dict, counters: dict, batch: int, probe: dict) -> dict:
-    """The layer's physical lower bound per forward: t_min = max(useful multiply-adds at the
+def lower_bound(useful_macs: float, weight_nonzeros: int, input_elements: float,
+                output_elements: float, probe: dict) -> dict:
+    """A layer's physical lower bound per forward: t_min = max(useful multiply-adds at the
     measured multiply-add rate, bytes moved at the measured bandwidth). Bytes: the nonzero weights
     (value and index, 4 bytes each), the input and the output (float32), read or written once."""
-    images = counters["calls"] or 1
-    useful = counters["useful_macs"] / images * batch
-    moved = (8 * counters["weight_nonzeros"]
-             + 4 * counters["input_elements"] / images * batch
-             + 4 * entry["num_output"] * _product(entry["output"][1:]) * batch)
-    compute_ms = useful / probe["macs_per_second"] * 1e3
+    moved = 8 * weight_nonzeros + 4 * input_elements + 4 * output_elements
+    compute_ms = useful_macs / probe["macs_per_second"] * 1e3
     memory_ms = moved / probe["bytes_per_second"] * 1e3
     return {"t_min_ms": max(compute_ms, memory_ms), "compute_ms": compute_ms,
-            "memory_ms": memory_ms, "bytes": moved, "bound": "compute" if compute_ms >= memory_ms else "memory"}
+            "memory_ms": memory_ms, "bytes": moved, "useful_macs": useful_macs,
+            "bound": "compute" if compute_ms >= memory_ms else "memory"}
+
+
+def layer_limit(entry: dict, counters: dict, batch: int, probe: dict) -> dict:
+    """lower_bound of one forward of `batch` images, from a run's per-image counters."""
+    images = counters["calls"] or 1
+    return lower_bound(counters["useful_macs"] / images * batch, counters["weight_nonzeros"],
+                       counters["input_elements"] / images * batch,
+                       entry["num_output"] * _product(entry["output"][1:]) * batch, probe)
 
 
 def _product(values) -> int:
