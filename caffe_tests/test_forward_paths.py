@@ -151,7 +151,8 @@ def test_copy_from_refreshes_the_weight_cache(caffe, make_net, paths, tmp_path):
 def test_unknown_path_is_a_value_error(caffe, paths):
     with pytest.raises(ValueError, match="unknown convolution forward path 'fast'"):
         caffe.set_conv_forward_path("fast")
-    assert caffe.conv_forward_paths() == ["dense", "spmdm", "sparse_sparse", "sparse_output", "direct"]
+    assert caffe.conv_forward_paths() == ["dense", "spmdm", "sparse_sparse", "sparse_output", "direct",
+                                          "onednn"]
     with pytest.raises(ValueError, match="sparse back end 'cuda' is not in this build"):
         caffe.set_conv_sparse_backend("cuda")
     assert caffe.conv_sparse_backends()[0] == "openmp"

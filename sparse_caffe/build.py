@@ -32,6 +32,8 @@ APT_PACKAGES = (
     "libboost-dev", "libboost-filesystem-dev", "libboost-system-dev", "libboost-thread-dev",
     "libboost-python-dev", "libgflags-dev", "libgoogle-glog-dev", "libhdf5-dev", "libprotobuf-dev",
     "protobuf-compiler", "libopenblas-openmp-dev", "python3-dev",
+    # oneDNN 2.6 for the onednn path: Debian builds it with GNU OpenMP, Caffe's own thread pool.
+    "libdnnl-dev",
     # Not linked: the test that bench refuses a BLAS threading with pthreads preloads it.
     "libopenblas0-pthread",
 )
@@ -133,6 +135,7 @@ def cmake_options(options: BuildOptions, python: dict) -> list[str]:
         f"-DPYTHON_LIBRARY={python['library']}", "-DBUILD_python=ON", "-DBUILD_python_layer=ON",
         "-DUSE_OPENCV=OFF", "-DUSE_LEVELDB=OFF", "-DUSE_LMDB=OFF", "-DBUILD_docs=OFF",
         "-DUSE_OPENMP=ON",  # our sparse kernels are OpenMP-parallel
+        "-DUSE_ONEDNN=ON",  # the onednn forward path (libdnnl-dev)
         "-DBUILD_matlab=OFF", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",
         f"-DBUILD_only_tests={','.join(GTEST_SUITES)}",
     ]

@@ -86,7 +86,8 @@ class ConvTemplateConfig:
     # output is sparse_output's epilogue (bias, fused ReLU, the output's CSR).
     phases: tuple[str, ...] = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
     # Forward paths of the multiply, numbered from 1 in this order in caffe.proto's ForwardPath.
-    forward_paths: tuple[str, ...] = ("dense", "spmdm", "sparse_sparse", "sparse_output", "direct")
+    forward_paths: tuple[str, ...] = ("dense", "spmdm", "sparse_sparse", "sparse_output", "direct",
+                                      "onednn")
     # Implementations of the sparse paths, numbered from 1 in caffe.proto's SparseBackend.
     sparse_backends: tuple[str, ...] = ("openmp", "mkl")
     # The direct path's vector microkernels, best first (a portable scalar kernel always exists):
@@ -151,7 +152,8 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         "sparse_output (the same, also keeping the output's CSR with the top blob for the next\n"
         "convolution), on our OpenMP kernels or MKL's sparse BLAS, with an optional fused ReLU,\n"
         "and direct (Park et al.'s direct sparse convolution: weights as offsets into a zero-padded\n"
-        "copy of the input, a strip of outputs in vector registers, bias and ReLU fused).\n"
+        "copy of the input, a strip of outputs in vector registers, bias and ReLU fused). The\n"
+        "ForwardPath enum also names onednn, which patch 5 implements (dense without it).\n"
         "Chosen per layer in the prototxt (convolution_param.forward_path, sparse_backend), from\n"
         "pycaffe, or process-wide with SPARSE_CAFFE_FORWARD_PATH / SPARSE_CAFFE_SPARSE_BACKEND.\n"
         "A per-layer profile times the phases and counts calls, input nonzeros, multiply-adds and\n"
@@ -184,6 +186,25 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "src/caffe/util/sparse_inner_product.cpp",
             "include/caffe/layers/inner_product_layer.hpp",
             "src/caffe/layers/inner_product_layer.cpp",
+            "python/caffe/_caffe.cpp",
+            "python/caffe/__init__.py",
+        ),
+    ),
+    PatchSpec(
+        5, "onednn-convolution",
+        "The onednn forward path: the convolution through oneDNN's CPU primitive (for the layers\n"
+        "whose weights are dense, where only a better dense kernel helps), the whole batch in one\n"
+        "call, weights reordered once into oneDNN's preferred layout and again when the weight\n"
+        "blob's version changes, the primitive remade when the shape or batch changes, bias and\n"
+        "fused ReLU inside it; float only. CMake links oneDNN when USE_ONEDNN is on; without it,\n"
+        "or for double, N-D or non-finite operands, the layer runs dense (saying why once).",
+        (
+            "cmake/Dependencies.cmake",
+            "include/caffe/util/onednn_conv.hpp",
+            "src/caffe/util/onednn_conv.cpp",
+            "include/caffe/layers/base_conv_layer.hpp",
+            "src/caffe/layers/base_conv_layer.cpp",
+            "src/caffe/layers/conv_layer.cpp",
             "python/caffe/_caffe.cpp",
             "python/caffe/__init__.py",
         ),

@@ -144,8 +144,8 @@ def main(argv=None) -> int:
         candidates = [("dense", "openmp")]
         for backend in caffe.conv_sparse_backends():
             for path in [p for p in caffe.conv_forward_paths() if p != "dense"]:
-                if path == "direct" and backend != "openmp":
-                    continue  # direct is our kernel on every back end: timed once
+                if path in ("direct", "onednn") and backend != "openmp":
+                    continue  # these ignore the sparse back end: timed once
                 candidates.append((path, backend))
         results, profile = measure_all(caffe, net, candidates, args.warmup, args.repeats,
                                        dense_out)

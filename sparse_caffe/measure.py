@@ -366,7 +366,9 @@ def raw_result(caffe, net, layers, measured, weights, images, pytorch, blas):
             "shapes": layer_shapes(net, layers), "paths": measured["paths"],
             "plan": measured.get("plan"),
             "agreement_tolerance": AGREEMENT_TOLERANCE,
-            "backends_in_build": list(caffe.conv_sparse_backends())}
+            "backends_in_build": list(caffe.conv_sparse_backends()),
+            # "" when the build has no oneDNN (the Docker image): the onednn path then ran dense.
+            "onednn": caffe.onednn_version() if hasattr(caffe, "onednn_version") else ""}
 
 
 def environment():

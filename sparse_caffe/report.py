@@ -20,7 +20,7 @@ CONSISTENCY_TOLERANCE = 0.10
 STAGES = (("convolution", ("Convolution",)), ("fully_connected", ("InnerProduct",)))
 PHASES = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
 PATH_COLOURS = {"dense": "tab:green", "spmdm": "tab:purple", "sparse_sparse": "tab:blue",
-                "sparse_output": "tab:orange", "direct": "tab:brown"}
+                "sparse_output": "tab:orange", "direct": "tab:brown", "onednn": "tab:cyan"}
 
 
 def stats(values: list[float]) -> dict:
