@@ -50,7 +50,9 @@ def build(net_text: str, net, caffe_pb2):
             continue
         blobs = ([torch.from_numpy(np.array(b.data, dtype=np.float32, copy=True))
                   for b in net.params[layer.name]] if layer.name in net.params else [])
-        steps.append(_Step(_layer_module(layer, blobs), list(layer.bottom), list(layer.top)))
+        shapes = [tuple(net.blobs[b].data.shape) for b in layer.bottom]
+        steps.append(_Step(_layer_module(layer, blobs, shapes), list(layer.bottom),
+                           list(layer.top)))
     if len(inputs) != 1:
         raise UserError(f"the PyTorch baseline needs a net with one Input blob, this one has "
                         f"{len(inputs)} ({', '.join(inputs)})")
@@ -125,6 +127,23 @@ def _classes() -> dict:
             # PyTorch's count_include_pad=True.
             return F.avg_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil,
                                 count_include_pad=True)
+
+    class SumPool(nn.Module):
+        """Caffe's AVE pooling where rounding up adds windows that overhang the padded input:
+        the zero-padded sum over each window, divided by Caffe's divisor (the window clipped to
+        the padded input). ONNX Runtime's AveragePool divides such windows differently, so the
+        module that is exported spells the arithmetic out."""
+
+        def __init__(self, kernel, stride, pad, extra, divisor):
+            super().__init__()
+            self.kernel, self.stride = kernel, stride
+            self.padding = (pad[1], pad[1] + extra[1], pad[0], pad[0] + extra[0])
+            self.register_buffer("divisor", divisor)
+
+        def forward(self, x):
+            window = self.kernel[0] * self.kernel[1]
+            y = F.avg_pool2d(F.pad(x, self.padding), self.kernel, self.stride, 0)
+            return y * window / self.divisor
 
     class GlobalPool(nn.Module):
         def __init__(self, method):
@@ -295,9 +314,9 @@ def _unsupported(layer, why: str) -> UserError:
                      f"({layer.type}): {why}")
 
 
-def _layer_module(layer, blobs):
-    """The module computing one Caffe layer (with its parameter blobs as tensors)."""
-    torch = _torch()
+def _layer_module(layer, blobs, shapes):
+    """The module computing one Caffe layer (with its parameter blobs as tensors; shapes: its
+    bottoms' shapes in the Caffe net)."""
     c = _classes()
     kind = layer.type
     if kind not in SUPPORTED:
@@ -316,7 +335,7 @@ def _layer_module(layer, blobs):
     elif kind == "ReLU":
         module = c["ReLU"](float(layer.relu_param.negative_slope))
     elif kind == "Pooling":
-        module = _pooling(layer, c)
+        module = _pooling(layer, c, shapes[0])
     elif kind == "Eltwise":
         p = layer.eltwise_param
         operation = {0: "prod", 1: "sum", 2: "max"}[p.operation]
@@ -377,7 +396,16 @@ def _layer_module(layer, blobs):
     return module
 
 
-def _pooling(layer, c):
+def _caffe_pooled(size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
+    """Caffe's pooled output size along one axis (PoolingLayer::Reshape)."""
+    span = size + 2 * pad - kernel
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _pooling(layer, c, shape):
     p = layer.pooling_param
     method = {0: "max", 1: "ave"}.get(p.pool)
     if method is None:
@@ -393,4 +421,15 @@ def _pooling(layer, c):
     floor = getattr(p, "round_mode", 0) == 1
     if any(2 * q > k for q, k in zip(pad, kernel)):
         raise _unsupported(layer, f"padding {pad} over half the kernel {kernel}")
-    return c["Pool"](method, kernel, stride, pad, not floor)
+    ceil = not floor
+    out = [_caffe_pooled(n, k, st, q, ceil) for n, k, st, q in zip(shape[2:], kernel, stride, pad)]
+    extra = [max(0, (o - 1) * st + k - (n + 2 * q))
+             for o, n, k, st, q in zip(out, shape[2:], kernel, stride, pad)]
+    if method == "ave" and any(extra):
+        torch = _torch()
+        sizes = []
+        for o, n, k, st, q in zip(out, shape[2:], kernel, stride, pad):
+            sizes.append([min(i * st - q + k, n + q) - (i * st - q) for i in range(o)])
+        divisor = torch.tensor(np.outer(sizes[0], sizes[1]), dtype=torch.float32)
+        return c["SumPool"](kernel, stride, pad, extra, divisor)
+    return c["Pool"](method, kernel, stride, pad, ceil)
