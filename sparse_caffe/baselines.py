@@ -31,7 +31,10 @@ import numpy as np
 from . import measure, torch_net
 
 ONNX_OPSET = 17
-SETTLE_S = 0.02  # libgomp's and ONNX Runtime's idle threads spin for well under this
+# A pause before each timed forward: the previous framework's idle threads stop spinning and
+# sleep (libgomp after GOMP_SPINCOUNT spins, ONNX Runtime after its bounded spin loop), so they
+# do not take cores from the next one.
+SETTLE_S = 0.02
 
 
 def _outputs(run, feeds) -> list[np.ndarray]:
@@ -51,8 +54,9 @@ def agreement(outputs: list[np.ndarray], reference: list[np.ndarray], batch: int
             "agrees": diff <= measure.AGREEMENT_TOLERANCE and differ == 0}
 
 
-def _torch_variants(torch, model, threads: int, compile_too: bool) -> list[tuple[str, dict]]:
-    """(name, {"prepare": () -> run(feed)}) for each PyTorch variant."""
+def _torch_variants(torch, model, compile_too: bool) -> list[tuple[str, dict]]:
+    """(name, {"prepare": () -> (run(x), facts), the memory format, compiled or not}) for each
+    PyTorch variant."""
     def eager(channels_last: bool):
         def prepare():
             m = model
@@ -151,7 +155,7 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
         return tensors[key]
 
     with tempfile.TemporaryDirectory(prefix="sparse-caffe-onnx-") as folder:
-        candidates = _torch_variants(torch, model, threads, compile_too)
+        candidates = _torch_variants(torch, model, compile_too)
         candidates.append(("onnxruntime", {"prepare": lambda: onnxruntime_session(
             torch, model, torch.from_numpy(feeds[0]), threads, folder),
             "memory_format": "contiguous", "compiled": False}))
