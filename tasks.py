@@ -186,8 +186,10 @@ def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zer
             "transform": "fold (BatchNorm folded, ReLU fused; default) or none",
             "fc_path": "fully connected layers under every path but dense: sparse (default) or "
                        "dense (under dense they are always dense)",
-            "pytorch": "also time each layer in PyTorch's CPU convolution (installs torch 2.13.0 "
-                       "the first time)",
+            "pytorch": "also run the baselines users would pick instead: each layer in "
+                       "PyTorch's CPU convolution, and the whole net in PyTorch (eager and "
+                       "torch.compile, contiguous and channels_last) and in ONNX Runtime, timed "
+                       "beside dense and the plan (installs torch 2.13.0 the first time)",
             "docker": "time it in a container of the image ./inv build --docker made (the run is "
                       "still prepared with the native build)"})
 @user_errors

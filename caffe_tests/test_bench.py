@@ -232,7 +232,8 @@ def test_bench_refuses_a_blas_that_threads_with_another_runtime(tmp_path):
 
 def test_pytorch_side_by_side_baseline(tmp_path):
     """--pytorch installs torch on demand and times the same layers with the same weights and
-    inputs in PyTorch's CPU convolution; its outputs must match Caffe's dense ones."""
+    inputs in PyTorch's CPU convolution, and the whole net in PyTorch and ONNX Runtime; their
+    outputs must match Caffe's dense ones."""
     done = inv("bench", *ARGS[:4], "--layers", "conv3", "--repeats", "1", "--warmup", "0",
                "--images", "1", "--threads", "1", "--paths", "dense,spmdm", "--pytorch",
                results=tmp_path)
@@ -242,7 +243,21 @@ def test_pytorch_side_by_side_baseline(tmp_path):
     assert torch_run["agrees"] and len(torch_run["times_ms"]) == 1
     assert torch_run["speedup_vs_dense"] == pytest.approx(
         r["layers"][0]["paths"]["dense"]["stats"]["median"] / torch_run["stats"]["median"])
-    assert "pytorch" in done.stdout
+    assert torch_run["memory_format"] in ("contiguous", "channels_last")
+    assert set(torch_run["times_by_format_ms"]) == {"contiguous", "channels_last"}
+    assert "pytorch" in done.stdout and "pytorch min" in done.stdout
+    # The whole net in PyTorch and ONNX Runtime, beside Caffe's dense and plan in the same rounds.
+    whole = r["baselines"]
+    assert set(whole["caffe"]) == {"dense", "plan"}
+    assert {"pytorch", "pytorch channels_last", "pytorch compile", "pytorch compile channels_last",
+            "onnxruntime"} == set(whole["variants"])
+    for variant in whole["variants"].values():
+        assert "skipped" in variant or (variant["agrees"] and len(variant["times_ms"]) == 1)
+    assert whole["fastest"]["onnxruntime"] == "onnxruntime" and whole["fastest"]["pytorch"]
+    assert whole["speedups"]["plan"]["onnxruntime"]["speedup"] == pytest.approx(
+        whole["variants"]["onnxruntime"]["stats"]["median"] / whole["caffe"]["plan"]["stats"]["median"])
+    assert "PyTorch baseline: " in done.stdout and "ONNX Runtime baseline: onnxruntime" in done.stdout
+    assert not r["problems"] or not any("whole net in" in p for p in r["problems"])
 
 
 def test_open_nsfw_net_with_real_weights(tmp_path):

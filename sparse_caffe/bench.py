@@ -47,7 +47,9 @@ class BenchOptions:
     layers: str | None = None
     transform: str = "fold"
     fc_path: str = "sparse"  # InnerProduct layers under every path but dense
-    pytorch: bool = False  # also time each layer in PyTorch's CPU convolution (installed on demand)
+    # The baselines users would pick instead (torch installed on demand): each layer in PyTorch's
+    # CPU convolution, the whole net in PyTorch and in ONNX Runtime (sparse_caffe.baselines).
+    pytorch: bool = False
 
     def __post_init__(self) -> None:
         nets.net_info(self.net)  # UserError for an unknown net
@@ -286,6 +288,9 @@ def run_benchmark(build: Build, options: BenchOptions,
             software = measure_in_docker(build, image, partial, threads)
         raw = json.loads((partial / "raw.json").read_text())
         layers, net, problems = report.derive(raw, options.batch)
+        baselines, baseline_problems = report.derive_baselines(raw.get("baselines"),
+                                                               raw["agreement_tolerance"])
+        problems += baseline_problems
         plan = net.pop("plan", None)  # not a path: the per-layer choice, timed whole
         weights = raw["weights"]
         results = {
@@ -308,6 +313,7 @@ def run_benchmark(build: Build, options: BenchOptions,
             "layers": layers,
             "net": net,
             "plan": plan,
+            "baselines": baselines,
             "problems": problems,
         }
         (partial / "results.json").write_text(json.dumps(results, indent=1) + "\n")

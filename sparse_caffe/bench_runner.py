@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import baselines
 from . import images as images_stage
 from . import measure
 from . import nets
@@ -167,8 +169,25 @@ def run(spec: dict) -> dict:
     pytorch = (torch_baseline(caffe, net, net_text, layers, measured["dense_inputs"],
                               measured["reference"], spec)
                if spec.get("pytorch") else None)
-    return measure.raw_result(caffe, net, layers, measured, weights, images.describe(), pytorch,
-                              blas)
+    raw = measure.raw_result(caffe, net, layers, measured, weights, images.describe(), pytorch,
+                             blas)
+    if spec.get("pytorch"):
+        raw["baselines"] = baselines.measure_whole_net(
+            caffe, net, net_text, feeds, images.count, spec, caffe_rows(caffe, measured, spec))
+    return raw
+
+
+def caffe_rows(caffe, measured: dict, spec: dict) -> dict:
+    """Caffe's whole-net configurations timed in the baselines' rounds: dense, and the per-layer
+    plan when the run made one ({name: () -> None, switching the net to it})."""
+    def dense():
+        caffe.clear_conv_forward_paths()
+        if hasattr(caffe, "set_fc_forward_path"):
+            caffe.set_fc_forward_path("dense")
+    rows = {"dense": dense}
+    if measured.get("plan"):
+        rows["plan"] = lambda: measure.use_plan(caffe, measured["plan"], spec)
+    return rows
 
 
 def export(spec: dict, folder: Path) -> None:
@@ -188,7 +207,12 @@ def export(spec: dict, folder: Path) -> None:
 def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, outputs: dict,
                    spec: dict) -> dict:
     """The same layers, weights and inputs through PyTorch's CPU convolution (dense), same
-    threads and batch: where the sparse paths stand against what users would otherwise run."""
+    threads and batch: where the sparse paths stand against what users would otherwise run.
+    Each layer in both memory formats (contiguous and channels_last, the input converted before
+    the timer, as a channels_last net would hand it over), interleaved forward by forward, under
+    torch.inference_mode(); the format with the lower median is the layer's PyTorch time. F.conv2d
+    has no preallocated-output form (no out=), so PyTorch allocates each output, as its users'
+    code does."""
     import torch
     import torch.nn.functional as F
     from google.protobuf import text_format
@@ -196,7 +220,10 @@ def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, o
     param = caffe.proto.caffe_pb2.NetParameter()
     text_format.Merge(net_text, param)
     convs = {layer.name: layer.convolution_param for layer in param.layer if layer.name in layers}
-    results = {"version": torch.__version__, "threads": torch.get_num_threads(), "layers": {}}
+    results = {"version": torch.__version__, "threads": torch.get_num_threads(), "layers": {},
+               "note": "per layer: the memory format with the lower median of contiguous and "
+                       "channels_last (both recorded), under torch.inference_mode()"}
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     for name in layers:
         c = convs[name]
 
@@ -209,24 +236,32 @@ def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, o
         pad = pair(c.pad, c.pad_h, c.pad_w, 0)
         dilation = pair(c.dilation, 0, 0, 1)
         blobs = net.params[name]
-        w = torch.from_numpy(blobs[0].data.copy())
         b = torch.from_numpy(blobs[1].data.copy()) if len(blobs) > 1 else None
-        x = torch.from_numpy(inputs[name])
+        weights = {f: torch.from_numpy(blobs[0].data.copy()).contiguous(memory_format=m)
+                   for f, m in formats.items()}
+        xs = {f: torch.from_numpy(inputs[name]).contiguous(memory_format=m)
+              for f, m in formats.items()}
 
-        def forward():
-            y = F.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=c.group)
+        def forward(f):
+            y = F.conv2d(xs[f], weights[f], b, stride=stride, padding=pad, dilation=dilation,
+                         groups=c.group)
             return torch.relu(y) if c.fused_relu else y
-        with torch.no_grad():
+        times = {f: [] for f in formats}
+        with torch.inference_mode():
             for _ in range(spec["warmup"]):
-                forward()
-            times = []
-            for _ in range(spec["repeats"]):
-                start = time.perf_counter()
-                y = forward()
-                times.append((time.perf_counter() - start) * 1e3)
+                for f in formats:
+                    forward(f)
+            for i in range(spec["repeats"]):
+                for f in (list(formats) if i % 2 == 0 else list(formats)[::-1]):
+                    start = time.perf_counter()
+                    y = forward(f)
+                    times[f].append((time.perf_counter() - start) * 1e3)
+            best = min(formats, key=lambda f: statistics.median(times[f]))
+            y = forward(best).contiguous()
         reference = outputs[name]
         difference = float(np.abs(y.numpy() - reference).max() / max(float(np.abs(reference).max()), 1e-30))
-        results["layers"][name] = {"times_ms": times, "max_rel_diff": difference}
+        results["layers"][name] = {"times_ms": times[best], "memory_format": best,
+                                   "times_by_format_ms": times, "max_rel_diff": difference}
     return results
 
 

@@ -113,6 +113,8 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
         torch_run = (raw.get("pytorch") or {}).get("layers", {}).get(name)
         if torch_run:
             entry["pytorch"] = {"times_ms": torch_run["times_ms"], "stats": stats(torch_run["times_ms"]),
+                                "memory_format": torch_run.get("memory_format", "contiguous"),
+                                "times_by_format_ms": torch_run.get("times_by_format_ms"),
                                 "max_rel_diff": torch_run["max_rel_diff"],
                                 "agrees": torch_run["max_rel_diff"] <= raw["agreement_tolerance"]}
             entry["pytorch"]["speedup_vs_dense"] = (dense["stats"]["median"] /
@@ -156,6 +158,86 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
             problems.append(f"whole net on the per-layer plan: top-1 agrees with dense on "
                             f"{plan['top1_agreement']:.1%} of the images")
     return layers, net, problems
+
+
+def derive_baselines(raw: dict | None, tolerance: float) -> tuple[dict | None, list[str]]:
+    """The whole-net baselines' results (sparse_caffe.baselines measured them): per variant and
+    per Caffe configuration timed in the same rounds, statistics; per framework the fastest
+    variant by median among those that agree with Caffe's dense; and each Caffe configuration's
+    speedup over each framework's fastest (its median / ours, with the round-by-round ratios).
+    A variant that disagrees with Caffe is a problem and never the baseline."""
+    if not raw:
+        return None, []
+    problems = []
+    variants = {}
+    for name, record in raw["variants"].items():
+        entry = dict(record)
+        if "skipped" not in record:
+            entry["stats"] = stats(record["times_ms"])
+            if record["max_rel_diff"] > tolerance or record["top1_differs"]:
+                entry["agrees"] = False
+                problems.append(f"whole net in {name}: its output differs from Caffe's dense by "
+                                f"{record['max_rel_diff']:.1e} of the largest value, top-1 on "
+                                f"{record['top1_differs']} of {record['images']} images")
+        variants[name] = entry
+    caffe = {name: {"times_ms": row["times_ms"], "stats": stats(row["times_ms"])}
+             for name, row in raw["caffe"].items()}
+    fastest = {}
+    for framework in ("pytorch", "onnxruntime"):
+        timed = [n for n, v in variants.items() if v["framework"] == framework and "stats" in v
+                 and v["agrees"]]
+        fastest[framework] = min(timed, key=lambda n: variants[n]["stats"]["median"]) if timed else None
+    ratios = {}
+    for ours, row in caffe.items():
+        ratios[ours] = {}
+        for framework, name in fastest.items():
+            if name is None:
+                continue
+            theirs = variants[name]
+            ratios[ours][framework] = {
+                "baseline": name,
+                "speedup": theirs["stats"]["median"] / row["stats"]["median"],
+                "speedup_per_round": round_ratios(theirs["times_ms"], row["times_ms"])}
+    return {**{k: v for k, v in raw.items() if k not in ("variants", "caffe")},
+            "variants": variants, "caffe": caffe, "fastest": fastest, "speedups": ratios,
+            "rule": "per framework, the variant with the lowest median whole-net time among "
+                    "those agreeing with Caffe's dense is the baseline; speedups: the "
+                    "baseline's median over the Caffe configuration's, from the same rounds"}, problems
+
+
+def baselines_table(baselines: dict) -> list[str]:
+    """The whole-net baselines block of the terminal table."""
+    caffe, variants = baselines["caffe"], baselines["variants"]
+    ours = list(caffe)
+    head = (f"{'whole net, same rounds':<32}{'median ms':>10}{'min ms':>9}"
+            + "".join(f"{o + ' is':>12}" for o in ours))
+    lines = [head]
+    rows = [(f"caffe {n}", r) for n, r in caffe.items()] + list(variants.items())
+    for name, row in rows:
+        if "skipped" in row:
+            lines.append(f"{name[:31]:<32}skipped: {row['skipped'][:160]}")
+            continue
+        mark = "" if row.get("agrees", True) else " !"
+        lines.append(f"{name[:31]:<32}{row['stats']['median']:10.2f}{row['stats']['min']:9.2f}"
+                     + "".join(f"{row['stats']['median'] / caffe[o]['stats']['median']:11.2f}x"
+                               for o in ours) + mark)
+    for framework, label in (("pytorch", "PyTorch"), ("onnxruntime", "ONNX Runtime")):
+        name = baselines["fastest"].get(framework)
+        if name is None:
+            lines.append(f"{label}: no variant agrees with Caffe's dense: no baseline")
+            continue
+        parts = []
+        for o in ours:
+            r = baselines["speedups"][o][framework]
+            q = r["speedup_per_round"]
+            parts.append(f"{o} {r['speedup']:.2f}x ({q['q1']:.2f}-{q['q3']:.2f})")
+        lines.append(f"{label} baseline: {name}; Caffe's speedup over it (round quartiles): "
+                     + ", ".join(parts))
+    lines.append("whole net, same rounds: every row timed once per round, in rotated order; "
+                 "'<caffe row> is': how many times faster Caffe's whole forward in that "
+                 "configuration is than the row (median over median); '!' = disagrees with "
+                 "Caffe's dense, never the baseline")
+    return lines
 
 
 def layer_breakdown(net_layers: list, layer_times: dict) -> dict:
@@ -241,7 +323,7 @@ def table(results: dict) -> str:
     paths = list(results["params"]["paths"])
     torch = all("pytorch" in layer for layer in results["layers"]) and results["layers"]
     head = (f"{'layer':<18}{'w 0%':>6}{'in 0%':>6}" + "".join(f"{p[:13]:>15}" for p in paths)
-            + (f"{'pytorch':>15}" if torch else "") + "   best")
+            + (f"{'pytorch':>15}{'pytorch min':>15}" if torch else "") + "   best")
     lines = [head, "-" * len(head)]
     for layer in results["layers"]:
         cells = []
@@ -253,6 +335,7 @@ def table(results: dict) -> str:
             t = layer["pytorch"]
             cells.append(f"{t['stats']['median']:8.3f} {t['speedup_vs_dense']:4.1f}x"
                          + ("" if t["agrees"] else "!"))
+            cells.append(f"{t['stats']['min']:8.3f}")
         best = max(series(results), key=lambda p: _layer_result(layer, p)["speedup_vs_dense"])
         at_limit = _layer_result(layer, best).get("limit_fraction")
         lines.append(f"{layer['name'][:18]:<18}{layer['weight_sparsity']:6.0%}{layer['input_sparsity']:6.0%}"
@@ -275,6 +358,8 @@ def table(results: dict) -> str:
                      f"{plan['dense_stats']['median']:.2f} ms timed alongside; top-1 "
                      f"{plan['top1_agreement']:.0%}; layers: "
                      + ", ".join(f"{n} {p}" for p, n in sorted(chosen.items(), key=lambda x: -x[1])))
+    if results.get("baselines"):
+        lines.extend(baselines_table(results["baselines"]))
     if all("stages_ms" in net[p] for p in paths):
         lines.append(f"{'sum of layers (ms)':<30}" + "".join(
             f"{net[p]['layer_sum_ms']:8.2f} {net[p]['consistency_gap']:+5.0%} " for p in paths))

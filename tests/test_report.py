@@ -80,3 +80,50 @@ def test_compare_says_which_runs_and_what_differs():
     assert a.startswith("A: run-a: caffenet, SYNTHETIC weights (sha256 ")
     assert "batch 1, 2 threads" in a and "batch 1, 1 threads" in b and "AMD EPYC" in a
     assert differ == "parameters that differ: threads"
+
+
+def raw_baselines(pytorch_ms: float, disagreeing_ms: float) -> dict:
+    """Raw whole-net baselines as sparse_caffe.baselines writes them: Caffe's dense and plan and
+    three variants in the same 3 rounds, one of which disagrees with Caffe, one skipped."""
+    def variant(framework, times, diff=1e-6, top1=0):
+        return {"framework": framework, "memory_format": "contiguous", "compiled": False,
+                "times_ms": times, "max_rel_diff": diff, "top1_differs": top1, "images": 6,
+                "agrees": diff <= 1e-4 and top1 == 0, "setup_s": 1.0}
+    return {"torch_version": "2.13.0", "threads": 2, "batch": 1, "settle_s": 0.02,
+            "caffe": {"dense": {"times_ms": [100.0, 110.0, 105.0]},
+                      "plan": {"times_ms": [50.0, 55.0, 52.0]}},
+            "variants": {"pytorch": variant("pytorch", [pytorch_ms] * 3),
+                         "pytorch channels_last": variant("pytorch", [disagreeing_ms] * 3, 0.2),
+                         "pytorch compile": {"framework": "pytorch", "compiled": True,
+                                             "memory_format": "contiguous",
+                                             "skipped": "RuntimeError: no compiler"},
+                         "onnxruntime": variant("onnxruntime", [65.0, 60.0, 70.0])}}
+
+
+def test_whole_net_baselines_fastest_agreeing_variant_and_ratios():
+    baselines, problems = report.derive_baselines(raw_baselines(80.0, 40.0), 1e-4)
+    # The disagreeing variant is faster but never the baseline, and is a problem.
+    assert baselines["fastest"] == {"pytorch": "pytorch", "onnxruntime": "onnxruntime"}
+    assert len(problems) == 1 and "pytorch channels_last" in problems[0]
+    plan_vs = baselines["speedups"]["plan"]
+    assert plan_vs["pytorch"]["speedup"] == 80.0 / 52.0
+    assert plan_vs["onnxruntime"]["speedup"] == 65.0 / 52.0
+    assert plan_vs["onnxruntime"]["speedup_per_round"]["median"] == 65.0 / 50.0  # round by round
+    assert baselines["speedups"]["dense"]["pytorch"]["speedup"] == 80.0 / 105.0
+    assert baselines["variants"]["pytorch compile"]["skipped"]
+    lines = report.baselines_table(baselines)
+    text = "\n".join(lines)
+    assert "skipped: RuntimeError: no compiler" in text
+    assert any(line.startswith("pytorch channels_last") and line.endswith("!") for line in lines)
+    assert "PyTorch baseline: pytorch;" in text and "plan 1.54x" in text
+    assert "ONNX Runtime baseline: onnxruntime;" in text
+
+
+def test_no_agreeing_variant_means_no_baseline():
+    raw = raw_baselines(80.0, 40.0)
+    raw["variants"]["pytorch"]["top1_differs"] = 1
+    baselines, problems = report.derive_baselines(raw, 1e-4)
+    assert baselines["fastest"]["pytorch"] is None and "pytorch" not in baselines["speedups"]["plan"]
+    assert len(problems) == 2
+    assert "PyTorch: no variant agrees" in "\n".join(report.baselines_table(baselines))
+    assert report.derive_baselines(None, 1e-4) == (None, [])
