@@ -309,6 +309,16 @@ def use_plan(caffe, plan, spec):
         caffe.set_fc_forward_path(spec.get("fc_path", "dense"))
 
 
+# A path replaces dense in a plan only when its median time is below this fraction of dense's.
+CLEAR_WIN = 0.95
+
+
+def layer_median_ms(results, path, name):
+    """A convolution's median time on `path` in measure()'s rounds: per profiled forward, the
+    sum of its phase timers."""
+    return statistics.median([sum(v) for v in zip(*results[path]["phases_ms"][name].values())])
+
+
 def measure_plan(caffe, net, layers, feeds, spec, results):
     """The per-layer wins collected: each convolution on the path whose median layer time was
     lowest in the rounds just measured (ties and near-ties, within 5%, go to dense), then
@@ -317,11 +327,9 @@ def measure_plan(caffe, net, layers, feeds, spec, results):
     baseline = paths[0]
     choice = {}
     for name in layers:
-        times = {path: statistics.median([sum(v) for v in
-                                          zip(*results[path]["phases_ms"][name].values())])
-                 for path in paths}
+        times = {path: layer_median_ms(results, path, name) for path in paths}
         best = min(paths, key=lambda path: times[path])
-        choice[name] = best if times[best] < 0.95 * times[baseline] else baseline
+        choice[name] = best if times[best] < CLEAR_WIN * times[baseline] else baseline
     plan = {"layers": choice, "rule": "fastest median layer time in this run's rounds; dense "
                                       "unless a path is more than 5% faster",
             "net_times_ms": [], "dense_net_times_ms": []}
