@@ -63,6 +63,7 @@ def options_from(net: str | None, weights: str | None, threads: str | None, batc
                  repeats: int, warmup: int, images: str | None = None,
                  plan: dict | None = None) -> TuneOptions:
     """The run's options as given; with `plan` (--check), what is not given is the plan's."""
+    check_environment()
     recorded = plan["key"] if plan else {}
     net = net or recorded.get("net")
     if not net:
