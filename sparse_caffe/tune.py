@@ -101,7 +101,8 @@ def check_environment() -> None:
 def spec_for(options: TuneOptions) -> dict:
     bench_options = options.bench_options()
     return {**asdict(bench_options), "paths": list(bench_options.paths),
-            "images": bench_options.image_source, "cache_dir": str(cache_dir())}
+            "images": bench_options.image_source, "cache_dir": str(cache_dir()),
+            "plan": False}  # measure() does not choose: tune_runner does, and times its plan
 
 
 def pycaffe_run(build: Build, spec: dict, threads: int, key_only: bool, folder: Path) -> dict:
@@ -208,9 +209,14 @@ def summary(plan: dict) -> str:
                      f"{dense / chosen:5.2f}x")
     whole = plan["whole_net"]
     plan_ms, dense_ms = statistics.median(whole["plan_ms"]), statistics.median(whole["dense_ms"])
-    lines.append(f"{len(off)} of {len(plan['layers'])} layers off dense; whole net (convolutions "
-                 f"as planned, fully connected sparse) {plan_ms:.1f} ms against dense "
-                 f"{dense_ms:.1f} ms in alternating rounds ({dense_ms / plan_ms:.2f}x)")
+    lines.append(f"{len(off)} of {len(plan['layers'])} layers off dense; the whole net as "
+                 f"planned {plan_ms:.1f} ms against dense {dense_ms:.1f} ms in alternating rounds "
+                 f"({dense_ms / plan_ms:.2f}x), top-1 agreement with dense "
+                 f"{whole['top1_agreement']:.0%}")
+    load = plan["load_average"]["before"][0]
+    if load > 0.5:
+        lines.append(f"measured at load average {load:.2f}: other processes used the CPU, so "
+                     "these times and choices are noisy; re-tune on a quiet machine (--retune)")
     return "\n".join(lines)
 
 
