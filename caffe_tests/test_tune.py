@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,44 @@ def test_tune_refuses_a_stale_plan_for_other_weights_and_leaves_it_alone(tuned, 
     assert_one_error_line(done, "is stale", "weights_sha256 differs", "--retune",
                           f"--weights {other}")
     assert files_of(tuned.parent) == before  # nothing rewritten, no partial file left
+
+
+def tune_runners(session: int) -> dict[int, str]:
+    """The tune runners of a process session: {pid: command line}."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[3]) == session and "sparse_caffe.tune_runner" in command:
+            found[int(entry.name)] = command
+    return found
+
+
+def test_sigterm_during_tune_leaves_no_file_and_no_runner(tmp_path):
+    from caffe_tests.test_cli_bench import inv_command, inv_env
+    from sparse_caffe.config import PROJECT_ROOT
+    proc = subprocess.Popen(inv_command("tune", *TUNE_RUN[:-4], "--repeats", "200", "--out",
+                                        str(tmp_path / "plan.json")),
+                            cwd=PROJECT_ROOT, env=inv_env(tmp_path / "results"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not tune_runners(proc.pid):
+        time.sleep(0.2)
+    runners = tune_runners(proc.pid)
+    assert runners, "the tune runner never started"
+    time.sleep(3)  # measuring
+    scratch = Path(next(iter(runners.values())).split()[-2]).parent  # its spec file's folder
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("tune did not stop after SIGTERM")
+    assert proc.returncode == 143, err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith("error: stopped by SIGTERM")
+    assert [p.name for p in tmp_path.iterdir() if p.name != "results"] == []
+    assert tune_runners(proc.pid) == {} and not scratch.exists()
