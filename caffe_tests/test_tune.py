@@ -197,3 +197,12 @@ def test_sigterm_during_tune_leaves_no_file_and_no_runner(tmp_path):
     assert err.rstrip().splitlines()[-1].startswith("error: stopped by SIGTERM")
     assert [p.name for p in tmp_path.iterdir() if p.name != "results"] == []
     assert tune_runners(proc.pid) == {} and not scratch.exists()
+
+
+def test_check_refuses_a_plan_whose_deploy_prototxt_is_gone(tuned, tmp_path):
+    plan = json.loads(tuned.read_text())
+    plan["deploy"]["prototxt"] = str(tmp_path / "gone.prototxt")
+    copy = tmp_path / "plan.json"
+    copy.write_text(json.dumps(plan))
+    done = inv("tune", "--check", str(copy), results=tmp_path / "results")
+    assert_one_error_line(done, "gone.prototxt is gone", "--retune")

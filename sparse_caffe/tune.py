@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -188,6 +190,11 @@ def check_plan(build: Build, plan_path: Path, options: TuneOptions, threads: int
         name, old, new = mismatch
         raise UserError(f"{plan_path} is stale: {name} differs (plan: {_short(old)}, now: "
                         f"{_short(new)}); re-tune with {retune_command(options, plan_path)}")
+    gone = [path for path in plan["deploy"].values() if isinstance(path, str)
+            and not Path(path).is_file()]
+    if gone:
+        raise UserError(f"{plan_path}: its deploy file {gone[0]} is gone; write it again with "
+                        f"{retune_command(options, plan_path)}")
     return plan
 
 
@@ -200,7 +207,6 @@ def caffe_time_command(build: Build, plan: dict) -> str:
 
 def summary(plan: dict) -> str:
     """The choices, one line per layer off dense, and the whole net against dense."""
-    import statistics
     lines = []
     off = {n: c for n, c in plan["layers"].items() if c["path"] != "dense"}
     for name, choice in off.items():
@@ -234,11 +240,38 @@ def tune(build: Build, options: TuneOptions, out: str | None = None, prototxt: s
                     "the results folder (SPARSE_CAFFE_RESULTS)")
     prototxt_path, weights_path = deploy_paths(plan_path, prototxt)
     writable_folder(prototxt_path.parent, "the folder for --prototxt")
-    scratch = writable_folder(cache_dir() / "tmp", "the cache folder")
-    folder = scratch / f"tune-{os.getpid()}-{time.monotonic_ns()}"
+    with scratch_folder() as folder:
+        plan = measure_or_check(build, options, threads, (weights_path, prototxt_path, plan_path),
+                                retune, folder)
+    if plan is None:
+        return plan_path
+    print(summary(plan))
+    print(f"deploy prototxt: {prototxt_path}\nits weights: {weights_path}")
+    print(caffe_time_command(build, plan))
+    return plan_path
+
+
+@contextmanager
+def scratch_folder():
+    """A private folder in the cache for the runner's spec and answer, removed afterwards."""
+    folder = writable_folder(cache_dir() / "tmp", "the cache folder") / \
+        f"tune-{os.getpid()}-{time.monotonic_ns()}"
     folder.mkdir()
-    partials = [p.with_name(f".{p.name}.partial-{os.getpid()}")
-                for p in (weights_path, prototxt_path, plan_path)]
+    try:
+        yield folder
+    finally:
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        folder.rmdir()
+
+
+def measure_or_check(build: Build, options: TuneOptions, threads: int,
+                     targets: tuple[Path, Path, Path], retune: bool, folder: Path) -> dict | None:
+    """With a plan at targets[2] and no --retune: check it (None if current). Else measure and
+    write the deploy weights, the deploy prototxt and the plan (`targets`), under partial names
+    renamed into place at the end, and return the plan."""
+    weights_path, prototxt_path, plan_path = targets
+    partials = [p.with_name(f".{p.name}.partial-{os.getpid()}") for p in targets]
     try:
         if plan_path.exists() and not retune:
             plan = check_plan(build, plan_path, options, threads, folder)
@@ -246,7 +279,7 @@ def tune(build: Build, options: TuneOptions, out: str | None = None, prototxt: s
                   file=sys.stderr)
             print(summary(plan))
             print(caffe_time_command(build, plan))
-            return plan_path
+            return None
         bench.check_memory(build, options.bench_options(), threads)
         run_stage.warn_oversubscribed(threads)
         load_before = bench.warn_if_busy(threads)
@@ -274,20 +307,13 @@ def tune(build: Build, options: TuneOptions, out: str | None = None, prototxt: s
             "software": bench.software_info(build),
         }
         partials[2].write_text(json.dumps(plan, indent=1) + "\n")
-        for partial, final in zip(partials, (weights_path, prototxt_path, plan_path)):
+        for partial, final in zip(partials, targets):
             partial.rename(final)
     except BaseException:
         for partial in partials:
             partial.unlink(missing_ok=True)
         raise
-    finally:
-        for leftover in folder.iterdir():
-            leftover.unlink()
-        folder.rmdir()
-    print(summary(plan))
-    print(f"deploy prototxt: {prototxt_path}\nits weights: {weights_path}")
-    print(caffe_time_command(build, plan))
-    return plan_path
+    return plan
 
 
 def check(build: Build, plan_file: str, options: TuneOptions) -> str:
@@ -296,14 +322,7 @@ def check(build: Build, plan_file: str, options: TuneOptions) -> str:
     check_environment()
     threads = run_stage.check_threads(options.threads)
     plan_path = user_path(plan_file)
-    scratch = writable_folder(cache_dir() / "tmp", "the cache folder")
-    folder = scratch / f"tune-{os.getpid()}-{time.monotonic_ns()}"
-    folder.mkdir()
-    try:
+    with scratch_folder() as folder:
         plan = check_plan(build, plan_path, options, threads, folder)
-    finally:
-        for leftover in folder.iterdir():
-            leftover.unlink()
-        folder.rmdir()
     return (f"{plan_path} matches this machine, build and weights ({options.net}, {threads} "
             f"threads, batch {options.batch}); deploy prototxt: {plan['deploy']['prototxt']}")
