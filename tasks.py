@@ -20,6 +20,7 @@ from sparse_caffe import render as render_stage
 from sparse_caffe import report as report_stage
 from sparse_caffe import run as run_stage
 from sparse_caffe import source as source_stage
+from sparse_caffe import tune as tune_stage
 from sparse_caffe import weights as weights_stage
 from sparse_caffe.config import BuildOptions, PROJECT_ROOT, cache_dir, user_path
 from sparse_caffe.errors import UserError
@@ -212,6 +213,39 @@ def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="op
     print(bench_stage.run_benchmark(result, options, image=image))
 
 
+@task(help={"net": "caffenet, resnet50 or resnet50-1by2 (with --check: the plan's)",
+            "weights": "as for bench (default: SkimCaffe's if fetched, else the synthetic "
+                       "default; with --check: the plan's)",
+            "threads": "OpenMP/BLAS/MKL threads (default: every core; with --check: the plan's)",
+            "batch": "images per forward (default 1; with --check: the plan's)",
+            "out": "the plan's JSON (default results/plans/<net>-<weights>-<threads>t-b<batch>.json)",
+            "prototxt": "the deploy prototxt (default: next to the plan, .prototxt; its weights "
+                        "beside it, .caffemodel)",
+            "retune": "measure again even if the plan exists (a stale plan is refused without it)",
+            "check": "only check PLAN.json against this machine, build, weights, threads, batch",
+            "repeats": "interleaved rounds (default 20)", "warmup": "unmeasured forwards first "
+            "(default 3)", "images": "a folder of images, or how many shipped photographs "
+            "(default: all)", "blas": BLAS_HELP})
+@user_errors
+def tune(c, net=None, weights=None, threads=None, batch=None, out=None, prototxt=None,
+         retune=False, check=None, repeats=20, warmup=3, images=None, blas="openblas"):
+    """Choose each layer's forward path by measuring; write a keyed plan and a deploy prototxt."""
+    plan = tune_stage.load_plan(user_path(check)) if check else None
+    options = tune_stage.options_from(net, weights, threads, batch, repeats, warmup, images, plan)
+    result = build_stage.build(BuildOptions(blas=blas))
+    if check:
+        print(tune_stage.check(result, check, options))
+    else:
+        print(tune_stage.tune(result, options, out=out, prototxt=prototxt, retune=retune))
+
+
+@task(help={"blas": BLAS_HELP})
+@user_errors
+def caffe_tool(c, blas="openblas"):
+    """Print the path of Caffe's own command-line tool (caffe time/test/train) of the build."""
+    print(build_stage.build(BuildOptions(blas=blas)).caffe_tool)
+
+
 @task(help={"run_dir": "a folder written by ./inv bench"})
 @user_errors
 def report(c, run_dir):
@@ -285,6 +319,6 @@ def clean(c, all=False):
 
 
 namespace = Collection(fetch, render, build, test, fetch_weights, inspect, bench, report,
-                       compare, bench_layer, check_baseline, memory, clean)
+                       compare, bench_layer, check_baseline, memory, tune, caffe_tool, clean)
 namespace.configure({"run": {"echo": True}})
 os.chdir(PROJECT_ROOT)

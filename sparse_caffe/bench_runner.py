@@ -204,6 +204,19 @@ def export(spec: dict, folder: Path) -> None:
         {**spec, "layer_names": layers, "weights_info": weights, "images_info": images.describe()}))
 
 
+def conv_geometry(c) -> dict:
+    """A 2-D convolution_param's stride, pad and dilation as (h, w) pairs, with Caffe's defaults
+    (one value for both sides, or the _h/_w fields), and its group."""
+    def pair(values, h, w, default):
+        if h or w:
+            return (h, w)
+        values = list(values) or [default]
+        return (values[0], values[-1])
+    return {"stride": pair(c.stride, c.stride_h, c.stride_w, 1),
+            "pad": pair(c.pad, c.pad_h, c.pad_w, 0),
+            "dilation": pair(c.dilation, 0, 0, 1), "group": c.group}
+
+
 def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, outputs: dict,
                    spec: dict) -> dict:
     """The same layers, weights and inputs through PyTorch's CPU convolution (dense), same
@@ -226,15 +239,7 @@ def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, o
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     for name in layers:
         c = convs[name]
-
-        def pair(values, h, w, default):
-            if h or w:
-                return (h, w)
-            values = list(values) or [default]
-            return (values[0], values[-1])
-        stride = pair(c.stride, c.stride_h, c.stride_w, 1)
-        pad = pair(c.pad, c.pad_h, c.pad_w, 0)
-        dilation = pair(c.dilation, 0, 0, 1)
+        stride, pad, dilation = (conv_geometry(c)[key] for key in ("stride", "pad", "dilation"))
         blobs = net.params[name]
         b = torch.from_numpy(blobs[1].data.copy()) if len(blobs) > 1 else None
         weights = {f: torch.from_numpy(blobs[0].data.copy()).contiguous(memory_format=m)

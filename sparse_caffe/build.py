@@ -43,7 +43,9 @@ OPENBLAS_OPENMP_INCLUDE = "/usr/include/x86_64-linux-gnu/openblas-openmp"
 OPENBLAS_OPENMP_LIB = "/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so"
 # Caffe's own gtest suites built with every build and run by caffe_tests/.
 GTEST_SUITES = ("convolution_layer", "deconvolution_layer", "im2col_layer", "inner_product_layer")
-MAKE_TARGETS = ("caffe", "pycaffe", "test.testbin")
+# caffe.bin is Caffe's command-line tool (tools/caffe.cpp; written as build/tools/caffe), so a
+# tuned deploy prototxt runs under `caffe time` with no Python of ours.
+MAKE_TARGETS = ("caffe", "pycaffe", "test.testbin", "caffe.bin")
 KEEP_BUILDS_PER_BLAS = 3
 
 
@@ -75,6 +77,11 @@ class Build:
     @property
     def gtest_binary(self) -> Path:
         return self.root / "build" / "test" / "test.testbin"
+
+    @property
+    def caffe_tool(self) -> Path:
+        """Caffe's own command-line tool (`caffe time`, `caffe test`, ...)."""
+        return self.root / "build" / "tools" / "caffe"
 
     @property
     def log(self) -> Path:
@@ -159,6 +166,7 @@ def build_inputs(source: SourceTree, options: BuildOptions, python: dict) -> dic
         "python": {k: python[k] for k in ("executable", "version", "numpy", "protobuf")},
         "compiler": compiler_version(),
         "cmake_options": cmake_options(options, python),
+        "make_targets": list(MAKE_TARGETS),
     }
 
 

@@ -209,6 +209,13 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "python/caffe/__init__.py",
         ),
     ),
+    PatchSpec(
+        6, "caffe-time-loads-weights",
+        "Caffe's command-line tool: `caffe time -weights a.caffemodel[,b.caffemodel]` copies the\n"
+        "trained weights into the net before timing it (upstream, time ignores -weights and\n"
+        "times the fillers' values), so a tuned pruned net is timed doing its real work.",
+        ("tools/caffe.cpp",),
+    ),
 )
 
 CONV_TEMPLATE_CONFIG = ConvTemplateConfig()

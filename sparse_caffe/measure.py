@@ -258,7 +258,9 @@ def measure(caffe, net, layers, feeds, image_count, spec):
                 net._forward(index, index)
                 measured["layer_times_ms"][name].append((time.perf_counter() - start) * 1e3)
             progress("round", path, i)
-    plan = measure_plan(caffe, net, layers, feeds, spec, results) if len(paths) > 1 else None
+    # spec["plan"] False: the caller chooses and times its own plan (sparse_caffe.tune_runner)
+    plan = (measure_plan(caffe, net, layers, feeds, spec, results)
+            if len(paths) > 1 and spec.get("plan", True) else None)
     reference, dense_inputs, predictions = {}, {}, {}
     for path in paths:  # correctness against dense on the first batch, top-1 over every image
         use(path)
@@ -300,31 +302,47 @@ def top1_of(net, feeds, image_count, batch, output_blob):
 
 
 def use_plan(caffe, plan, spec):
-    """Every convolution on its planned path; fully connected layers as under sparse columns."""
+    """Every convolution on its planned path; fully connected layers as under sparse columns,
+    or each on its own path when the plan has "fc_layers"."""
     caffe.clear_conv_forward_paths()
     caffe.set_conv_sparse_backend(spec["backend"])
     for name, path in plan["layers"].items():
         caffe.set_conv_forward_path(path, name)
     if hasattr(caffe, "set_fc_forward_path"):
+        caffe.clear_fc_forward_paths()
         caffe.set_fc_forward_path(spec.get("fc_path", "dense"))
+        for name, path in plan.get("fc_layers", {}).items():
+            caffe.set_fc_forward_path(path, name)
 
 
-def measure_plan(caffe, net, layers, feeds, spec, results):
+# A path replaces dense in a plan only when its median time is below this fraction of dense's.
+CLEAR_WIN = 0.95
+
+
+def layer_median_ms(results, path, name):
+    """A convolution's median time on `path` in measure()'s rounds: per profiled forward, the
+    sum of its phase timers."""
+    return statistics.median([sum(v) for v in zip(*results[path]["phases_ms"][name].values())])
+
+
+def measure_plan(caffe, net, layers, feeds, spec, results, given=None):
     """The per-layer wins collected: each convolution on the path whose median layer time was
-    lowest in the rounds just measured (ties and near-ties, within 5%, go to dense), then
-    spec["repeats"] rounds of {dense whole forward, planned whole forward} in alternating order."""
+    lowest in the rounds just measured (ties and near-ties, within 5%, go to dense), or as
+    `given` ({"layers": {convolution: path}, "fc_layers": {InnerProduct layer: path}, "rule"}),
+    then spec["repeats"] rounds of {dense whole forward, planned whole forward} in alternating
+    order."""
     paths = spec["paths"]
     baseline = paths[0]
-    choice = {}
-    for name in layers:
-        times = {path: statistics.median([sum(v) for v in
-                                          zip(*results[path]["phases_ms"][name].values())])
-                 for path in paths}
-        best = min(paths, key=lambda path: times[path])
-        choice[name] = best if times[best] < 0.95 * times[baseline] else baseline
-    plan = {"layers": choice, "rule": "fastest median layer time in this run's rounds; dense "
-                                      "unless a path is more than 5% faster",
-            "net_times_ms": [], "dense_net_times_ms": []}
+    if given is None:
+        choice = {}
+        for name in layers:
+            times = {path: layer_median_ms(results, path, name) for path in paths}
+            best = min(paths, key=lambda path: times[path])
+            choice[name] = best if times[best] < CLEAR_WIN * times[baseline] else baseline
+        given = {"layers": choice, "rule": "fastest median layer time in this run's rounds; "
+                                           "dense unless a path is more than 5% faster"}
+    plan = dict(given, net_times_ms=[], dense_net_times_ms=[])
+    choice = plan["layers"]
     for i in range(spec["warmup"]):
         use_plan(caffe, plan, spec)
         net.blobs["data"].data[...] = feeds[i % len(feeds)]
@@ -337,6 +355,7 @@ def measure_plan(caffe, net, layers, feeds, spec, results):
             else:
                 caffe.clear_conv_forward_paths()
                 if hasattr(caffe, "set_fc_forward_path"):
+                    caffe.clear_fc_forward_paths()
                     caffe.set_fc_forward_path("dense")
             net.blobs["data"].data[...] = feed
             start = time.perf_counter()

@@ -1,0 +1,221 @@
+"""Inside pycaffe: tune a net (measure it, choose each layer's path, write the deploy prototxt and
+its weights), or only read the facts a plan's key needs from the net as built.
+
+Started by sparse_caffe.tune in a subprocess whose PYTHONPATH names the build and whose
+environment fixes the threads. The timing is sparse_caffe.measure's: its interleaved rounds over
+every path of the build, the same as ./inv bench. For a user mistake: exit 2, the message in
+<out>.error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import bench_runner, measure, nets
+from . import images as images_stage
+from .errors import UserError
+
+TUNED_TYPES = ("Convolution", "InnerProduct")
+
+
+def layer_choices(caffe, net, measured: dict, spec: dict, fc_differences: dict) -> dict:
+    """Each tuned layer's choice, in the shape caffe.auto_choices() gives: {layer: {"state",
+    "path", "backend", "candidates": {path: median ms or None}, "pruned": {path: reason},
+    "input_density", "replans"}}. Today taken from measure()'s interleaved rounds: per
+    convolution, each path's median profiled time; per InnerProduct layer, its wall-clock time
+    one layer at a time under dense's rounds (dense) and under every other path's (sparse).
+    A path whose output differs from dense is pruned; dense stays unless the fastest other
+    candidate is more than 5% faster."""
+    paths, dense = measured["paths"], spec["paths"][0]
+    choices = {}
+    for name in tuned_layers(net, "Convolution"):
+        counters = paths[dense]["counters"][name]
+        choices[name] = decide(
+            {p: measure.layer_median_ms(paths, p, name) for p in spec["paths"]},
+            {p: "output differs from dense by {:.1e} of its largest value".format(
+                paths[p]["max_rel_diff"][name])
+             for p in spec["paths"] if paths[p]["max_rel_diff"][name] > measure.AGREEMENT_TOLERANCE},
+            spec["backend"], counters["input_nonzeros"] / max(counters["input_elements"], 1))
+    for name in tuned_layers(net, "InnerProduct"):
+        sparse_rounds = [t for p in spec["paths"][1:] for t in paths[p]["layer_times_ms"][name]]
+        pruned = ({"sparse": "output differs from dense by {:.1e} of its largest value".format(
+            fc_differences[name])} if fc_differences[name] > measure.AGREEMENT_TOLERANCE else {})
+        choices[name] = decide(
+            {"dense": statistics.median(paths[dense]["layer_times_ms"][name]),
+             "sparse": statistics.median(sparse_rounds) if sparse_rounds else None},
+            pruned, None, None)
+    return choices
+
+
+def decide(candidates: dict, pruned: dict, backend, input_density) -> dict:
+    """Dense unless the fastest candidate that agrees with dense is clearly (> 5%) faster."""
+    usable = {p: t for p, t in candidates.items() if t is not None and p not in pruned}
+    best = min(usable, key=usable.get)
+    path = best if usable[best] < measure.CLEAR_WIN * candidates["dense"] else "dense"
+    return {"state": "decided", "path": path, "backend": backend, "candidates": candidates,
+            "pruned": pruned, "input_density": input_density, "replans": 0}
+
+
+def tuned_layers(net, layer_type: str | None = None) -> list[str]:
+    types = (layer_type,) if layer_type else TUNED_TYPES
+    return [name for name, layer in zip(net._layer_names, net.layers) if layer.type in types]
+
+
+def layer_key(net, net_text: str) -> dict:
+    """What each tuned layer's choice depends on: its type, bottom and top shapes, and for a
+    convolution its kernel, stride, pad, dilation and group, in layer order."""
+    params = {layer.name: layer for layer in nets.parse_net(net_text).layer}
+    key = {}
+    for name in tuned_layers(net):
+        layer = params[name]
+        entry = {"type": layer.type,
+                 "bottom": [list(net.blobs[b].data.shape) for b in net.bottom_names[name]],
+                 "top": [list(net.blobs[t].data.shape) for t in net.top_names[name]],
+                 "weights": list(net.params[name][0].data.shape)}
+        if layer.type == "Convolution":
+            geometry = bench_runner.conv_geometry(layer.convolution_param)
+            entry.update(kernel=list(net.params[name][0].data.shape[2:]),
+                         stride=list(geometry["stride"]), pad=list(geometry["pad"]),
+                         dilation=list(geometry["dilation"]), group=geometry["group"])
+        key[name] = entry
+    return key
+
+
+def enum_number(message, field: str, name: str) -> int:
+    return message.DESCRIPTOR.fields_by_name[field].enum_type.values_by_name[name.upper()].number
+
+
+def deploy_text(net_text: str, choices: dict, header: str) -> str:
+    """The net's prototxt with each tuned layer's forward_path (and a convolution's
+    sparse_backend) set from `choices`, so Caffe runs the plan with no overrides."""
+    param = nets.parse_net(net_text)
+    for layer in param.layer:
+        choice = choices.get(layer.name)
+        if choice is None:
+            continue
+        if layer.type == "Convolution":
+            conv = layer.convolution_param
+            conv.forward_path = enum_number(conv, "forward_path", choice["path"])
+            conv.sparse_backend = enum_number(conv, "sparse_backend", choice["backend"])
+        else:
+            fc = layer.inner_product_param
+            fc.forward_path = enum_number(fc, "forward_path", choice["path"])
+    return "".join("# {}\n".format(line) for line in header.splitlines()) + nets.net_text(param)
+
+
+def fc_agreement(caffe, net, feed) -> dict:
+    """Each InnerProduct layer's largest difference from dense on the sparse path, relative to
+    its largest dense output (not timed)."""
+    outputs = {}
+    for path in ("dense", "sparse"):
+        caffe.clear_fc_forward_paths()
+        caffe.set_fc_forward_path(path)
+        net.blobs["data"].data[...] = feed
+        net.forward()
+        outputs[path] = {name: net.blobs[net.top_names[name][0]].data.copy()
+                         for name in tuned_layers(net, "InnerProduct")}
+    caffe.clear_fc_forward_paths()
+    return {name: relative_difference(outputs["sparse"][name], reference)
+            for name, reference in outputs["dense"].items()}
+
+
+def relative_difference(got, reference) -> float:
+    return float(np.abs(got - reference).max() / max(float(np.abs(reference).max()), 1e-30))
+
+
+def check_deploy(caffe, prototxt: Path, weights: Path, feed, reference, choices: dict) -> float:
+    """Load the written prototxt and weights as a user would (no overrides) and check that every
+    layer runs its planned path and the output equals dense's; returns the difference."""
+    caffe.clear_conv_forward_paths()
+    caffe.clear_fc_forward_paths()
+    net = caffe.Net(str(prototxt), str(weights), caffe.TEST)
+    net.blobs["data"].data[...] = feed
+    caffe.reset_conv_profile()
+    caffe.set_conv_profiling(True)
+    net.forward()
+    caffe.set_conv_profiling(False)
+    profile = caffe.conv_profile()
+    for name, choice in choices.items():
+        if profile[name]["path"] != choice["path"]:
+            raise RuntimeError("the tuned prototxt runs {} on {}, the plan says {}".format(
+                name, profile[name]["path"], choice["path"]))
+    difference = relative_difference(net.blobs[net.outputs[-1]].data, reference)
+    if difference > measure.AGREEMENT_TOLERANCE:
+        raise RuntimeError("the tuned net's output differs from dense by {:.1e}".format(difference))
+    return difference
+
+
+def key_facts(caffe, net, net_text: str, weights: dict, blas: dict) -> dict:
+    return {"weights": weights, "blas_runtime": blas, "direct_isa": caffe.conv_direct_isa(),
+            "layers": layer_key(net, net_text)}
+
+
+def run(spec: dict, key_only: bool) -> dict:
+    import caffe
+    caffe.set_mode_cpu()
+    net, net_text, convolutions, weights, images = bench_runner.prepare(caffe, spec)
+    feeds = list(images_stage.batches(images, spec["batch"],
+                                      measure.feed_count(spec, images.count)))
+    net.blobs["data"].data[...] = feeds[0]
+    blas = measure.checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    facts = key_facts(caffe, net, net_text, weights, blas)
+    if key_only:
+        return facts
+    measured = measure.measure(caffe, net, convolutions, feeds, images.count, spec)
+    choices = layer_choices(caffe, net, measured, spec, fc_agreement(caffe, net, feeds[0]))
+    whole = whole_net(caffe, net, convolutions, feeds, images.count, spec, measured, choices)
+    caffe.clear_conv_forward_paths()
+    caffe.clear_fc_forward_paths()
+    net.blobs["data"].data[...] = feeds[0]  # dense reference output for the deploy check
+    net.forward()
+    reference = net.blobs[net.outputs[-1]].data.copy()
+    prototxt, caffemodel = Path(spec["prototxt_out"]), Path(spec["caffemodel_out"])
+    net.save(str(caffemodel))
+    prototxt.write_text(deploy_text(net_text, choices, spec["prototxt_header"]))
+    difference = check_deploy(caffe, prototxt, caffemodel, feeds[0], reference, choices)
+    return {**facts, "choices": choices, "deploy_max_rel_diff": difference,
+            "top1_agreement": {p: measured["paths"][p]["top1_agreement"] for p in spec["paths"]},
+            "whole_net": whole, "images": images.describe()}
+
+
+def whole_net(caffe, net, convolutions, feeds, image_count, spec, measured, choices) -> dict:
+    """The plan timed whole against dense in alternating rounds (measure.measure_plan), and
+    its top-1 agreement with dense over every image."""
+    given = {"layers": {n: choices[n]["path"] for n in convolutions},
+             "fc_layers": {n: c["path"] for n, c in choices.items() if n not in convolutions},
+             "rule": "tune's choices"}
+    plan = measure.measure_plan(caffe, net, convolutions, feeds, spec, measured["paths"], given)
+    top1 = measure.top1_of(net, feeds, image_count, spec["batch"], net.outputs[-1])
+    caffe.clear_conv_forward_paths()
+    caffe.clear_fc_forward_paths()
+    caffe.set_fc_forward_path("dense")
+    dense = measure.top1_of(net, feeds, image_count, spec["batch"], net.outputs[-1])
+    caffe.clear_fc_forward_paths()
+    return {"plan_ms": plan["net_times_ms"], "dense_ms": plan["dense_net_times_ms"],
+            "top1_agreement": sum(a == b for a, b in zip(top1, dense)) / len(dense)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("spec", help="JSON file with the tune spec")
+    parser.add_argument("out", help="where to write the result (JSON)")
+    parser.add_argument("--key-only", action="store_true",
+                        help="only the facts of the plan's key (no measuring, nothing written)")
+    args = parser.parse_args(argv)
+    try:
+        result = run(json.loads(Path(args.spec).read_text()), args.key_only)
+    except UserError as exc:
+        Path(args.out).with_suffix(".error").write_text(str(exc))
+        return 2
+    Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
