@@ -2,7 +2,8 @@
 
 Run once per path, each in a fresh process (`./inv memory`), because a process's peak resident
 set (VmHWM) only grows: the same net, weights and images as `./inv bench` builds them, every
-convolution on the path (fully connected layers sparse under every path but dense), a few warm-up
+convolution (or those --layers names) on the path (fully connected layers sparse under every path
+but dense), a few warm-up
 forwards, then many more. Prints one JSON object: peak and current RSS after the warm-up, and
 after the rest (growth after warm-up would be a leak). The peak is restarted once the net is
 built, so it measures the forwards, not the preparation.
