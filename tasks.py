@@ -257,31 +257,41 @@ def report(c, run_dir):
     print(report_stage.table(results))
 
 
-@task(help={"net": "caffenet, resnet50 or resnet50-1by2",
+@task(help={"net": "caffenet, resnet50, resnet50-1by2, or small (a small synthetic net, for long "
+                   "leak checks: --forwards 10000)",
             "weights": "as for bench (default: SkimCaffe's if fetched, else the synthetic default)",
             "batch": "images per forward (default 1)", "blas": BLAS_HELP,
             "paths": "comma-separated forward paths, dense first (default: every path)",
             "forwards": "forwards after the warm-up (default 200)",
-            "threads": "OpenMP/BLAS/MKL threads (default: every core)"})
+            "threads": "OpenMP/BLAS/MKL threads (default: every core)",
+            "layers": "regex: only the convolutions it matches run on each path, the others dense "
+                      "(default: every convolution)"})
 @user_errors
 def memory(c, net, weights="auto", batch=1, blas="openblas", paths=",".join(bench_stage.PATHS),
-           forwards=200, threads=0):
+           forwards=200, threads=0, layers=None):
     """Peak resident memory of the whole net per forward path (fresh process each), and growth."""
-    options = bench_stage.BenchOptions(net=net, weights=bench_stage.user_weights(weights),
-                                       paths=bench_stage.parse_paths(paths), batch=batch,
-                                       threads=threads)
+    chosen = bench_stage.parse_paths(paths)
+    if net == run_stage.SMALL_NET:
+        bench_stage.check_paths(chosen)
+    else:
+        bench_stage.BenchOptions(net=net, weights=bench_stage.user_weights(weights), paths=chosen,
+                                 batch=batch, threads=threads, layers=layers)
+        weights = bench_stage.user_weights(weights)
     result = build_stage.build(BuildOptions(blas=blas))
-    record, target = run_stage.memory(result, options.net, options.weights, options.batch,
-                                      list(options.paths), forwards,
-                                      run_stage.check_threads(options.threads))
-    print(f"{'path':<15}{'peak MiB':>10}{'vs dense':>10}{'forwards MiB':>14}{'growth MiB':>12}")
+    record, target = run_stage.memory(result, net, weights, batch, list(chosen), forwards,
+                                      run_stage.check_threads(threads), layers)
+    print(f"{'path':<15}{'peak MiB':>10}{'vs dense':>10}{'forwards MiB':>14}{'warm MiB':>10}"
+          f"{'end MiB':>10}{'growth MiB':>12}")
     for path, entry in record["paths"].items():
         flag = "  > 1.2x dense" if entry["peak_vs_dense"] > run_stage.MEMORY_TOLERANCE else ""
         print(f"{path:<15}{entry['after_forwards']['peak_mib']:>10.0f}{entry['peak_vs_dense']:>9.2f}x"
-              f"{entry['forward_peak_mib']:>14.1f}{entry['growth_after_warmup_mib']:>12.1f}{flag}")
+              f"{entry['forward_peak_mib']:>14.1f}{entry['after_warmup']['rss_mib']:>10.1f}"
+              f"{entry['after_forwards']['rss_mib']:>10.1f}{entry['growth_after_warmup_mib']:>12.1f}"
+              f"{flag}")
     print("peak: the process's peak resident memory over the forwards (net built, then the peak "
           "restarted); forwards: that peak above the resident size before the first forward; "
-          f"growth: resident memory after {forwards} forwards minus after the warm-up; {target}")
+          f"warm, end: resident memory after the warm-up and after {forwards} forwards more; "
+          f"growth: end minus warm; {target}")
 
 
 @task(help={"run_dir": "a folder written by ./inv bench (natively, OpenBLAS or MKL build)",

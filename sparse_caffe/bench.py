@@ -53,15 +53,7 @@ class BenchOptions:
 
     def __post_init__(self) -> None:
         nets.net_info(self.net)  # UserError for an unknown net
-        unknown = [p for p in self.paths if p not in PATHS]
-        if unknown or not self.paths:
-            raise UserError(f"unknown path {', '.join(unknown) or '(none)'}: choose from {', '.join(PATHS)}")
-        twice = sorted({p for p in self.paths if self.paths.count(p) > 1})
-        if twice:
-            raise UserError(f"--paths names {', '.join(twice)} more than once (dense is always "
-                            "measured, first): give each path once")
-        if self.paths[0] != "dense":
-            raise UserError("--paths must start with dense: every ratio is measured against it")
+        check_paths(self.paths)
         if self.backend not in BACKENDS:
             raise UserError(f"unknown backend {self.backend!r}: choose openmp or mkl")
         if self.fc_path not in FC_PATHS:
@@ -103,6 +95,19 @@ def user_images(text: str | int | None) -> str | None:
     if text is None or isinstance(text, int) or str(text).isdigit():
         return None if text is None else str(text)
     return str(user_path(text))
+
+
+def check_paths(paths: tuple[str, ...]) -> None:
+    """UserError unless `paths` names known paths, each once, dense first."""
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        raise UserError(f"unknown path {', '.join(unknown) or '(none)'}: choose from {', '.join(PATHS)}")
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise UserError(f"--paths names {', '.join(twice)} more than once (dense is always "
+                        "measured, first): give each path once")
+    if paths[0] != "dense":
+        raise UserError("--paths must start with dense: every ratio is measured against it")
 
 
 def parse_paths(text: str) -> tuple[str, ...]:

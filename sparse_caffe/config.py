@@ -167,6 +167,7 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "include/caffe/layers/base_conv_layer.hpp",
             "src/caffe/layers/base_conv_layer.cpp",
             "src/caffe/layers/conv_layer.cpp",
+            "src/caffe/layers/deconv_layer.cpp",
             "python/caffe/_caffe.cpp",
             "python/caffe/__init__.py",
         ),

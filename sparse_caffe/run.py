@@ -154,16 +154,21 @@ def inspect(build: Build, net: str, weights: str, images: str | None, batch: int
 
 # Peak resident memory of a sparse path may exceed dense's by this much (issue 14's bound).
 MEMORY_TOLERANCE = 1.2
+# The memory task's own net: small and synthetic, so that 10,000 forwards per path take minutes.
+SMALL_NET = "small"
 
 
 def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], forwards: int,
-           threads: int) -> tuple[dict, Path]:
+           threads: int, layers: str | None = None) -> tuple[dict, Path]:
     """Peak and steady resident memory of the whole net on each path, each in a fresh pycaffe
-    process (see sparse_caffe.rss_probe); written to results/memory/<net>-b<batch>-<time>.json."""
+    process (see sparse_caffe.rss_probe); written to results/memory/<net>-b<batch>-<time>.json.
+    net may be rss_probe.SMALL_NET, the probe's own small synthetic net (for long leak checks)."""
     if forwards < 1 or batch < 1:
         raise UserError("--forwards and --batch must be at least 1")
     out_dir = writable_folder(results_dir() / "memory", "the results folder (SPARSE_CAFFE_RESULTS)")
-    spec = {"net": net, "weights": weights, "batch": batch, "images": None, "layers": None,
+    if net == SMALL_NET:
+        weights = "synthetic"  # its weights are always the probe's seeded synthetic ones
+    spec = {"net": net, "weights": weights, "batch": batch, "images": None, "layers": layers,
             "transform": "fold", "cache_dir": str(cache_dir())}
     measured = {path: pycaffe_json(build, "rss_probe", spec, ["--path", path, "--forwards",
                                                             str(forwards)], threads,
@@ -176,7 +181,8 @@ def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], f
         entry["growth_after_warmup_mib"] = (entry["after_forwards"]["rss_mib"]
                                             - entry["after_warmup"]["rss_mib"])
     record = {"net": net, "weights": weights, "batch": batch, "threads": threads,
-              "forwards": forwards, "tolerance": MEMORY_TOLERANCE, "paths": measured}
+              "forwards": forwards, "layers": layers, "tolerance": MEMORY_TOLERANCE,
+              "paths": measured}
     target = out_dir / f"{net}-b{batch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     partial = target.with_name(f".{target.name}.partial")
     partial.write_text(json.dumps(record, indent=1) + "\n")
