@@ -71,11 +71,12 @@ def test_caffe_gtest(gtest_case, gtest_results):
 CONV_SUITES = "ConvolutionLayerTest*:DeconvolutionLayerTest*:Im2colLayerTest*"
 
 
-@pytest.mark.parametrize("path", ["spmdm", "sparse_sparse", "sparse_output", "direct"])
+@pytest.mark.parametrize("path", ["spmdm", "sparse_sparse", "sparse_output", "direct", "auto"])
 @pytest.mark.parametrize("backend", ["openmp", "mkl"])
 def test_caffe_gtests_with_every_layer_forced_onto_a_path(path, backend, monkeypatch):
     """Caffe's own convolution, deconvolution and im2col suites (float and double), with every
-    layer forced onto one sparse path through the environment override."""
+    layer forced onto one sparse path through the environment override (auto: each forward of a
+    calibrating layer runs another candidate, and a gradient check's weight writes re-plan)."""
     build = _build()
     if backend == "mkl" and build.inputs.get("blas") != "mkl":
         pytest.skip("MKL back end needs a --blas mkl build")
