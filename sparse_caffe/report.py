@@ -324,7 +324,8 @@ def table(results: dict) -> str:
                  f"times are medians of {results['params']['repeats']} forwards, ms; "
                  "'!' = output differs from dense; '~' = no clear difference from dense (the "
                  "round-by-round ratios' quartiles straddle 1); whole net: the convolutions on "
-                 f"the column's path, fully connected layers {fc_path} (dense under dense); "
+                 f"the column's path, fully connected layers {fc_path} (dense under dense"
+                 + (", auto under auto" if any(net[p].get("auto") for p in paths) else "") + "); "
                  "limit = t_min / t, t_min = "
                  "max(useful multiply-adds at the measured GEMM rate, bytes at the measured "
                  "bandwidth)")
