@@ -168,8 +168,8 @@ def test_a_new_input_shape_replans(auto, make_net):
 
 
 def test_an_input_whose_sparsity_moves_far_replans(auto, make_net):
-    """Once decided, the input's nonzero fraction is sampled every few forwards; a move of more
-    than auto_density_shift re-plans, a small one does not."""
+    """Once decided, the input's nonzero fraction is sampled every few forwards into a moving
+    average; a move of more than auto_density_shift re-plans, a small one does not."""
     L = auto.layers
     n = auto.NetSpec()
     n.data = L.Input(shape=dict(dim=[1, 16, 10, 10]))
@@ -180,11 +180,13 @@ def test_an_input_whose_sparsity_moves_far_replans(auto, make_net):
     net.blobs["data"].data[...] = random_input(rng, (1, 16, 10, 10), 0.5)
     auto.set_conv_forward_path("auto", "conv")
     auto_outputs(auto, net, "conv")
-    for _ in range(2 * CONFIG.auto_density_check_every):
+    assert abs(auto.auto_choices()["conv"]["input_density"] - 0.5) < 0.05
+    net.blobs["data"].data[...] = random_input(rng, (1, 16, 10, 10), 0.4)  # 0.1 denser
+    for _ in range(8 * CONFIG.auto_density_check_every):
         net.forward()
     assert auto.auto_choices()["conv"]["replans"] == 0
     net.blobs["data"].data[...] = random_input(rng, (1, 16, 10, 10), 0.0)  # all nonzero
-    for _ in range(CONFIG.auto_density_check_every):
+    for _ in range(4 * CONFIG.auto_density_check_every):
         net.forward()
     choice = auto.auto_choices()["conv"]
     assert choice["replans"] == 1

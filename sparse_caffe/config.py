@@ -113,15 +113,18 @@ class ConvTemplateConfig:
     # auto's policy (auto_path.hpp): the cost model prunes every sparse path when more than
     # auto_dense_weights of the weights are nonzero, and any candidate predicted slower than
     # auto_prune_ratio x dense; calibration times auto_rounds rounds after one warm-up round; a
-    # sparse path must beat dense's median by more than auto_margin; a re-plan follows an input
-    # nonzero fraction that moved more than auto_density_shift (sampled every
-    # auto_density_check_every forwards once decided).
+    # sparse path must beat dense's median by more than auto_margin; the input's nonzero fraction
+    # is averaged over the calibration forwards, then sampled every auto_density_check_every
+    # forwards into a moving average (each sample weighing auto_density_smoothing, so that one
+    # image's sparsity does not re-plan), and a re-plan follows when that average moves more than
+    # auto_density_shift from the calibrated one.
     auto_dense_weights: float = 0.6
     auto_prune_ratio: float = 1.5
     auto_rounds: int = 3
     auto_margin: float = 0.05
     auto_density_shift: float = 0.15
-    auto_density_check_every: int = 16
+    auto_density_check_every: int = 8
+    auto_density_smoothing: float = 0.25
 
     def __post_init__(self) -> None:
         if not self.phases or len(set(self.phases)) != len(self.phases):

@@ -266,12 +266,12 @@ def measure(caffe, net, layers, feeds, image_count, spec):
                 net._forward(index, index)
                 measured["layer_times_ms"][name].append((time.perf_counter() - start) * 1e3)
             progress("round", path, i)
-    if auto_path in results:  # a re-plan during the rounds would have timed a calibration
+    if auto_path in results:  # a re-plan that calibrated during the rounds was timed with them
         after = caffe.auto_choices()
         results[auto_path]["auto"]["replanned_during_rounds"] = sorted(
             name for name, choice in after.items()
-            if choice["replans"] != results[auto_path]["auto"]["choices"][name]["replans"]
-            or choice["state"] != "decided")
+            if choice["state"] != "decided" or (choice["forwards"] > 0 and choice["replans"] !=
+                                                results[auto_path]["auto"]["choices"][name]["replans"]))
     plan = measure_plan(caffe, net, layers, feeds, spec, results) if len(paths) > 1 else None
     reference, dense_inputs, predictions = {}, {}, {}
     for path in paths:  # correctness against dense on the first batch, top-1 over every image
