@@ -305,13 +305,17 @@ def table(results: dict) -> str:
         chosen = {}
         for choice in calibration["choices"].values():
             chosen[auto_name(choice)] = chosen.get(auto_name(choice), 0) + 1
-        slow = [layer["name"] for layer in results["layers"]
-                if layer["paths"][p]["speedup_vs_dense"] < AUTO_SLOW]
+        below = [layer for layer in results["layers"]
+                 if layer["paths"][p]["speedup_vs_dense"] < AUTO_SLOW]
+        slow = [layer["name"] for layer in below if not unclear(layer["paths"][p], False)]
+        unclear_count = len(below) - len(slow)
         lines.append(f"{p + ' (ms)':<30}{net[p]['stats']['median']:8.2f} "
                      f"{net[p]['speedup_vs_dense']:4.2f}x{unclear(net[p], False)} vs dense; "
                      f"calibrated in {calibration['calibration_forwards']} forwards; layers: "
                      + ", ".join(f"{n} {c}" for c, n in sorted(chosen.items(), key=lambda x: -x[1]))
-                     + (f"; below {AUTO_SLOW}x dense: {', '.join(slow)}" if slow else ""))
+                     + (f"; clearly below {AUTO_SLOW}x dense: {', '.join(slow)}" if slow else "")
+                     + (f"; {unclear_count} below {AUTO_SLOW}x with no clear difference "
+                        "round by round" if unclear_count else ""))
     if all("stages_ms" in net[p] for p in paths):
         lines.append(f"{'sum of layers (ms)':<30}" + "".join(
             f"{net[p]['layer_sum_ms']:8.2f} {net[p]['consistency_gap']:+5.0%} " for p in paths))
