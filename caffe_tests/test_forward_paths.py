@@ -20,7 +20,7 @@ SPARSE_PATHS = ["spmdm", "sparse_sparse", "sparse_output", "direct"]
 # auto runs its candidates in turn while it calibrates: forward_on returns, of every forward until
 # it has decided and one after, the output farthest from the first (dense's, its first candidate).
 PATHS_AND_AUTO = SPARSE_PATHS + ["auto"]
-# More forwards than any calibration takes: (timed rounds + 1) x candidates, 4 x 6 at most.
+# More forwards than any calibration takes: (timed rounds + 1) x candidates, 6 x 6 at most.
 MAX_AUTO_FORWARDS = 60
 BACKENDS = ["openmp", "mkl"]
 SPARSITY = [0.0, 0.5, 0.9, 0.99, 1.0]

@@ -120,7 +120,7 @@ class ConvTemplateConfig:
     # auto_density_shift from the calibrated one.
     auto_dense_weights: float = 0.6
     auto_prune_ratio: float = 1.5
-    auto_rounds: int = 3
+    auto_rounds: int = 5
     auto_margin: float = 0.05
     auto_density_shift: float = 0.15
     auto_density_check_every: int = 8

@@ -304,7 +304,7 @@ def measure(caffe, net, layers, feeds, image_count, spec):
 
 
 # auto's calibration must end within this many warm-up forwards (it takes about
-# (timed rounds + 1) x surviving candidates: 4 x 4 with three rounds and four candidates).
+# (timed rounds + 1) x surviving candidates: 6 x 4 with five rounds and four candidates).
 MAX_CALIBRATION_FORWARDS = 200
 
 
