@@ -110,8 +110,9 @@ class ConvTemplateConfig:
     )
     # Paths whose kernel is the same on every back end: auto times them once (openmp).
     backend_independent: tuple[str, ...] = ("dense", "direct")
-    # auto's policy (auto_path.hpp): the cost model prunes every sparse path when more than
-    # auto_dense_weights of the weights are nonzero, and any candidate predicted slower than
+    # auto's policy (auto_path.hpp): the cost model prunes every sparse path (but direct on a
+    # kernel larger than 1x1) when more than auto_dense_weights of the weights are nonzero, and
+    # any candidate predicted slower than
     # auto_prune_ratio x dense; calibration times auto_rounds rounds after one warm-up round; a
     # sparse path must beat dense's median by more than auto_margin; the input's nonzero fraction
     # is averaged over the calibration forwards, then sampled every auto_density_check_every
