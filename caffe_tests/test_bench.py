@@ -53,7 +53,7 @@ def test_json_schema(run_dir):
     assert r["weights"]["synthetic"] is True and r["weights"]["kind"] == "synthetic"
     assert len(r["weights"]["sha256"]) == 64
     assert r["images"]["count"] == 2 and len(r["images"]["sha256"]) == 64
-    assert r["params"]["paths"] == list(CONV_TEMPLATE_CONFIG.forward_paths)
+    assert r["params"]["paths"] == list(CONV_TEMPLATE_CONFIG.selectable_paths)
     assert [layer["name"] for layer in r["layers"]] == ["conv3", "conv5"]
     for layer in r["layers"]:
         assert set(layer["paths"]) == set(r["params"]["paths"])
@@ -72,6 +72,21 @@ def test_json_schema(run_dir):
     assert plan["speedup_vs_dense"] == pytest.approx(
         statistics.median(plan["dense_times_ms"]) / statistics.median(plan["times_ms"]))
     assert plan["top1_agreement"] == 1.0
+    # auto: calibrated during the warm-up (none given: as long as it took), each timed layer's
+    # choice and candidates recorded, the whole net's choices and calibration length with it.
+    auto = r["net"]["auto"]["auto"]
+    assert auto["calibration_forwards"] >= 1
+    assert auto["warmup_forwards"] == auto["calibration_forwards"]
+    assert auto["replanned_during_rounds"] == []
+    assert {"conv3", "conv5", "fc6", "fc7", "fc8"} <= set(auto["choices"])
+    for layer in r["layers"]:
+        choice = layer["auto_choice"]
+        assert choice == auto["choices"][layer["name"]] and choice["state"] == "decided"
+        assert choice["path"] in CONV_TEMPLATE_CONFIG.forward_paths
+        assert choice["candidates"]["dense"] is not None
+        assert "sparse_output" in choice["pruned"]
+        # what the profile saw auto run in the timed rounds is what it chose
+        assert layer["paths"]["auto"]["counters"]["path"] == choice["path"]
     # The whole-vs-layers gap depends on the machine's load; every other problem is a failure.
     assert [p for p in r["problems"] if "one at a time" not in p] == []
     # The BLAS that pycaffe loaded, read from the library at run time.

@@ -17,6 +17,11 @@ import pytest
 from .test_conv_reference import CASES, Case, conv_spec, random_input, reference_conv
 
 SPARSE_PATHS = ["spmdm", "sparse_sparse", "sparse_output", "direct"]
+# auto runs its candidates in turn while it calibrates: forward_on returns, of every forward until
+# it has decided and one after, the output farthest from the first (dense's, its first candidate).
+PATHS_AND_AUTO = SPARSE_PATHS + ["auto"]
+# More forwards than any calibration takes: (timed rounds + 1) x candidates, 6 x 6 at most.
+MAX_AUTO_FORWARDS = 60
 BACKENDS = ["openmp", "mkl"]
 SPARSITY = [0.0, 0.5, 0.9, 0.99, 1.0]
 
@@ -53,7 +58,25 @@ def sparse_weights(rng, shape, zeros, zero_rows=False, zero_columns=False):
 
 def forward_on(caffe, net, path, layer="conv"):
     caffe.set_conv_forward_path(path, layer)
-    return net.forward()[layer].copy()
+    if path != "auto":
+        return net.forward()[layer].copy()
+    outputs = auto_outputs(caffe, net, layer)
+    return max(outputs, key=lambda y: float(np.abs(y - outputs[0]).max()))
+
+
+def auto_outputs(caffe, net, layer="conv"):
+    """Under auto: the outputs of every forward until `layer` has decided, and of one more (each
+    forward runs one candidate, computing the real output)."""
+    def forward():
+        net.forward()
+        return net.blobs[net.top_names[layer][0]].data.copy()
+    outputs = []
+    for _ in range(MAX_AUTO_FORWARDS):
+        outputs.append(forward())
+        if caffe.auto_choices()[layer]["state"] == "decided":
+            outputs.append(forward())
+            return outputs
+    raise AssertionError(f"auto had not decided after {MAX_AUTO_FORWARDS} forwards")
 
 
 def assert_close_to(got, x, w, b, geometry, dense):
@@ -61,7 +84,7 @@ def assert_close_to(got, x, w, b, geometry, dense):
     np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5 * max(magnitude.max(), 1e-30))
 
 
-@pytest.mark.parametrize("path", SPARSE_PATHS)
+@pytest.mark.parametrize("path", PATHS_AND_AUTO)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_paths_equal_dense_on_every_configuration(caffe, make_net, backend, case, path):
     net = make_net(conv_spec(caffe, "conv", case.shape, case.num_output, case.conv))
@@ -81,7 +104,7 @@ def test_paths_equal_dense_on_every_configuration(caffe, make_net, backend, case
     np.testing.assert_allclose(got, reference_conv(x, w, b, **case.geometry()), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("path", SPARSE_PATHS)
+@pytest.mark.parametrize("path", PATHS_AND_AUTO)
 @pytest.mark.parametrize("weight_zeros", SPARSITY)
 @pytest.mark.parametrize("input_zeros", SPARSITY)
 def test_paths_equal_dense_at_every_sparsity(caffe, make_net, backend, path, weight_zeros, input_zeros):
@@ -102,7 +125,7 @@ def test_paths_equal_dense_at_every_sparsity(caffe, make_net, backend, path, wei
         np.testing.assert_array_equal(got, np.broadcast_to(b[None, :, None, None], got.shape))
 
 
-@pytest.mark.parametrize("path", SPARSE_PATHS)
+@pytest.mark.parametrize("path", PATHS_AND_AUTO)
 def test_single_nonzero(caffe, make_net, backend, path):
     net = make_net(conv_spec(caffe, "conv", (1, 3, 5, 6), 2, dict(kernel_size=3, bias_term=False)))
     w = np.zeros(net.params["conv"][0].data.shape, np.float32)
@@ -117,7 +140,7 @@ def test_single_nonzero(caffe, make_net, backend, path):
     assert np.count_nonzero(got) == 1
 
 
-@pytest.mark.parametrize("path", SPARSE_PATHS)
+@pytest.mark.parametrize("path", PATHS_AND_AUTO)
 def test_weights_changed_from_python_are_honoured(caffe, make_net, backend, path):
     net = make_net(conv_spec(caffe, "conv", (1, 4, 6, 6), 3, dict(kernel_size=3, bias_term=False)))
     rng = np.random.default_rng(7)

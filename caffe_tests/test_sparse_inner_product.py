@@ -236,10 +236,11 @@ def test_selection_by_environment(caffe_python_path, tmp_path):
     assert "SPARSE_CAFFE_FC_PATH=bogus is not one of: dense, sparse" in bad.stderr
 
 
-def test_caffe_inner_product_gtests_on_the_sparse_path(monkeypatch):
+@pytest.mark.parametrize("path", ["sparse", "auto"])
+def test_caffe_inner_product_gtests_on_the_sparse_path(monkeypatch, path):
     """Caffe's own InnerProduct suite (float and double, transpose, axis) with every layer forced
-    onto the sparse path through the environment."""
-    monkeypatch.setenv("SPARSE_CAFFE_FC_PATH", "sparse")
+    onto the sparse path (or auto) through the environment."""
+    monkeypatch.setenv("SPARSE_CAFFE_FC_PATH", path)
     cases, output = run_gtests(_build(), "InnerProductLayerTest*-*GPU*")
     assert len(cases) >= 18, output[-2000:]  # 9 cases x float, double
     failed = [f"{c.suite}.{c.name}: {c.message}" for c in cases if not c.passed]

@@ -27,7 +27,9 @@ from .config import (CAFFE, CONV_TEMPLATE_CONFIG, PROJECT_ROOT, BuildOptions, ca
                      results_dir, user_path, writable_folder)
 from .errors import UserError
 
-PATHS = CONV_TEMPLATE_CONFIG.forward_paths  # the paths the build has, dense first
+# The paths the build has, dense first, then auto (each layer on the path its calibration chose).
+PATHS = CONV_TEMPLATE_CONFIG.selectable_paths
+AUTO_PATH = CONV_TEMPLATE_CONFIG.auto_path
 BACKENDS = ("openmp", "mkl")
 TRANSFORMS = ("fold", "none")
 FC_PATHS = CONV_TEMPLATE_CONFIG.fc_forward_paths
@@ -281,7 +283,8 @@ def run_benchmark(build: Build, options: BenchOptions,
     partial.mkdir()
     try:
         claim_partial(partial)
-        spec = {**asdict(options), "images": options.image_source, "cache_dir": str(cache_dir())}
+        spec = {**asdict(options), "images": options.image_source, "cache_dir": str(cache_dir()),
+                "auto_path": AUTO_PATH}
         (partial / "spec.json").write_text(json.dumps(spec))
         # Progress goes straight to the terminal; errors come back as one line.
         if image is None:

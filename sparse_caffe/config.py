@@ -99,6 +99,34 @@ class ConvTemplateConfig:
     # Forward paths of the InnerProduct (fully connected) multiply, numbered from 1 in this order in
     # caffe.proto's InnerProductParameter.ForwardPath.
     fc_forward_paths: tuple[str, ...] = ("dense", "sparse")
+    # The path that picks one of the concrete paths per layer (convolutions: every forward path and
+    # back end; InnerProduct: every fc forward path), numbered after them in both enums. Not one
+    # of forward_paths / fc_forward_paths, so code iterating those still sees concrete paths only.
+    auto_path: str = "auto"
+    # Paths auto never runs, and why (rendered into the C++ and reported by caffe.auto_choices()).
+    auto_excluded: tuple[tuple[str, str], ...] = (
+        ("sparse_output", "excluded from auto: its output CSR pays off only when the next layer "
+                          "reads it, and auto does not coordinate producer and consumer; "
+                          "sparse_sparse (the same multiply) is a candidate"),
+    )
+    # Paths whose kernel is the same on every back end: auto times them once (openmp).
+    backend_independent: tuple[str, ...] = ("dense", "direct", "onednn")
+    # auto's policy (auto_path.hpp): the cost model prunes every sparse path (but direct on a
+    # kernel larger than 1x1) when more than auto_dense_weights of the weights are nonzero, and
+    # any candidate predicted slower than
+    # auto_prune_ratio x dense; calibration times auto_rounds rounds after one warm-up round; a
+    # sparse path must beat dense's median by more than auto_margin; the input's nonzero fraction
+    # is averaged over the calibration forwards, then sampled every auto_density_check_every
+    # forwards into a moving average (each sample weighing auto_density_smoothing, so that one
+    # image's sparsity does not re-plan), and a re-plan follows when that average moves more than
+    # auto_density_shift from the calibrated one.
+    auto_dense_weights: float = 0.6
+    auto_prune_ratio: float = 1.5
+    auto_rounds: int = 5
+    auto_margin: float = 0.05
+    auto_density_shift: float = 0.15
+    auto_density_check_every: int = 8
+    auto_density_smoothing: float = 0.25
 
     def __post_init__(self) -> None:
         if not self.phases or len(set(self.phases)) != len(self.phases):
@@ -112,6 +140,22 @@ class ConvTemplateConfig:
                 raise ValueError(f"unsupported direct ISA {isa}")
         if not self.fc_forward_paths or self.fc_forward_paths[0] != "dense":
             raise ValueError("dense must be the first InnerProduct forward path (the baseline)")
+        if self.auto_path in self.forward_paths + self.fc_forward_paths:
+            raise ValueError(f"{self.auto_path} must not name a concrete forward path")
+        unknown = [p for p, _ in self.auto_excluded if p not in self.forward_paths or p == "dense"] + \
+            [p for p in self.backend_independent if p not in self.forward_paths]
+        if unknown:
+            raise ValueError(f"auto_excluded / backend_independent name unknown paths: {unknown}")
+
+    @property
+    def selectable_paths(self) -> tuple[str, ...]:
+        """Every convolution path a user may ask for: the concrete ones, then auto."""
+        return self.forward_paths + (self.auto_path,)
+
+    @property
+    def fc_selectable_paths(self) -> tuple[str, ...]:
+        """Every InnerProduct path a user may ask for: the concrete ones, then auto."""
+        return self.fc_forward_paths + (self.auto_path,)
 
 
 @dataclass(frozen=True)
@@ -211,7 +255,31 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         ),
     ),
     PatchSpec(
-        6, "caffe-time-loads-weights",
+        6, "auto-forward-path",
+        "A forward path `auto` for convolutions and InnerProduct layers: per layer, a cost model\n"
+        "(weight and input nonzero fractions, kernel size) prunes hopeless candidates, the\n"
+        "survivors (every concrete path and back end of the build but sparse_output) run the\n"
+        "layer's first forwards in interleaved rounds, each computing the real output, and the\n"
+        "fastest by median wins, dense unless a sparse path is more than 5% faster. Re-planned\n"
+        "when the weights are written, the input shape changes, or the input's nonzero fraction\n"
+        "moves by more than 0.15. pycaffe reports the choices with caffe.auto_choices().",
+        (
+            "src/caffe/proto/caffe.proto",
+            "include/caffe/util/auto_path.hpp",
+            "src/caffe/util/auto_path.cpp",
+            "src/caffe/util/sparse_conv.cpp",
+            "src/caffe/util/sparse_inner_product.cpp",
+            "include/caffe/layers/base_conv_layer.hpp",
+            "src/caffe/layers/base_conv_layer.cpp",
+            "src/caffe/layers/conv_layer.cpp",
+            "include/caffe/layers/inner_product_layer.hpp",
+            "src/caffe/layers/inner_product_layer.cpp",
+            "python/caffe/_caffe.cpp",
+            "python/caffe/__init__.py",
+        ),
+    ),
+    PatchSpec(
+        7, "caffe-time-loads-weights",
         "Caffe's command-line tool: `caffe time -weights a.caffemodel[,b.caffemodel]` copies the\n"
         "trained weights into the net before timing it (upstream, time ignores -weights and\n"
         "times the fillers' values), so a tuned pruned net is timed doing its real work.",

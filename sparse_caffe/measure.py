@@ -191,13 +191,18 @@ def measure(caffe, net, layers, feeds, image_count, spec):
     batch, paths, repeats = spec["batch"], spec["paths"], spec["repeats"]
     output_blob = net.outputs[-1]
 
+    auto_path = spec.get("auto_path")
+
     def use(path):
         caffe.clear_conv_forward_paths()
         caffe.set_conv_sparse_backend(spec["backend"])
         for name in layers:
             caffe.set_conv_forward_path(path, name)
-        if hasattr(caffe, "set_fc_forward_path"):  # InnerProduct: dense under dense, else fc_path
-            caffe.set_fc_forward_path("dense" if path == paths[0] else spec.get("fc_path", "dense"))
+        if hasattr(caffe, "set_fc_forward_path"):  # InnerProduct: dense under dense, auto under
+            # auto, else fc_path
+            fc = "dense" if path == paths[0] else path if path == auto_path else \
+                spec.get("fc_path", "dense")
+            caffe.set_fc_forward_path(fc)
 
     def forward(feed):
         net.blobs["data"].data[...] = feed
@@ -221,6 +226,9 @@ def measure(caffe, net, layers, feeds, image_count, spec):
 
     for path in paths:  # warm-up: weight CSRs, caches, thread pools
         use(path)
+        if path == auto_path:
+            results[path]["auto"] = calibrate_auto(caffe, net, forward, feeds, spec["warmup"])
+            continue
         for i in range(spec["warmup"]):
             forward(feeds[i % len(feeds)])
             progress("warm-up", path, i)
@@ -258,6 +266,12 @@ def measure(caffe, net, layers, feeds, image_count, spec):
                 net._forward(index, index)
                 measured["layer_times_ms"][name].append((time.perf_counter() - start) * 1e3)
             progress("round", path, i)
+    if auto_path in results:  # a re-plan that calibrated during the rounds was timed with them
+        after = caffe.auto_choices()
+        results[auto_path]["auto"]["replanned_during_rounds"] = sorted(
+            name for name, choice in after.items()
+            if choice["state"] != "decided" or (choice["forwards"] > 0 and choice["replans"] !=
+                                                results[auto_path]["auto"]["choices"][name]["replans"]))
     # spec["plan"] False: the caller chooses and times its own plan (sparse_caffe.tune_runner)
     plan = (measure_plan(caffe, net, layers, feeds, spec, results)
             if len(paths) > 1 and spec.get("plan", True) else None)
@@ -289,6 +303,44 @@ def measure(caffe, net, layers, feeds, image_count, spec):
         if hasattr(caffe, "set_fc_forward_path"):
             caffe.clear_fc_forward_paths()
     return {"paths": results, "plan": plan, "reference": reference, "dense_inputs": dense_inputs}
+
+
+# auto's calibration must end within this many warm-up forwards (it takes about
+# (timed rounds + 1) x surviving candidates: 6 x 4 with five rounds and four candidates).
+MAX_CALIBRATION_FORWARDS = 200
+
+
+def calibrate_auto(caffe, net, forward, feeds, warmup):
+    """The warm-up of the auto path: every auto state forgotten, then forwards until every layer
+    under auto has decided (at least `warmup` of them), so that no timed forward calibrates.
+    Returns {"calibration_forwards": forwards until all had decided, "warmup_forwards",
+    "choices": caffe.auto_choices() then}."""
+    caffe.reset_auto()
+    count, calibrated = 0, None
+    while True:
+        choices = caffe.auto_choices()
+        if calibrated is None and choices and all(c["state"] == "decided" for c in choices.values()):
+            calibrated = count
+        if calibrated is not None and count >= warmup:
+            break
+        if count >= MAX_CALIBRATION_FORWARDS:
+            raise UserError("auto had not decided after {} forwards (still calibrating: {}); "
+                            "re-run with fewer paths in the build or report this".format(
+                                count, ", ".join(sorted(n for n, c in choices.items()
+                                                        if c["state"] != "decided"))))
+        forward(feeds[count % len(feeds)])
+        count += 1
+    say("[auto] calibrated in {} forwards: {}".format(calibrated, ", ".join(
+        "{} {}".format(n, p) for p, n in sorted(
+            _count(c["path"] for c in choices.values()).items(), key=lambda x: -x[1]))))
+    return {"calibration_forwards": calibrated, "warmup_forwards": count, "choices": choices}
+
+
+def _count(values):
+    counts = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
 
 
 def top1_of(net, feeds, image_count, batch, output_blob):

@@ -20,7 +20,8 @@ CONSISTENCY_TOLERANCE = 0.10
 STAGES = (("convolution", ("Convolution",)), ("fully_connected", ("InnerProduct",)))
 PHASES = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
 PATH_COLOURS = {"dense": "tab:green", "spmdm": "tab:purple", "sparse_sparse": "tab:blue",
-                "sparse_output": "tab:orange", "direct": "tab:brown", "onednn": "tab:cyan"}
+                "sparse_output": "tab:orange", "direct": "tab:brown", "onednn": "tab:cyan",
+                "auto": "tab:olive"}
 
 
 def stats(values: list[float]) -> dict:
@@ -110,6 +111,10 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
             if not result["agrees"]:
                 problems.append(f"{name} on {path}: output differs from dense by "
                                 f"{result['max_rel_diff']:.1e} of its largest value")
+        for path in paths:  # the auto path: what each layer's calibration chose, and why
+            calibration = raw["paths"][path].get("auto")
+            if calibration and name in calibration["choices"]:
+                entry["auto_choice"] = calibration["choices"][name]
         torch_run = (raw.get("pytorch") or {}).get("layers", {}).get(name)
         if torch_run:
             entry["pytorch"] = {"times_ms": torch_run["times_ms"], "stats": stats(torch_run["times_ms"]),
@@ -142,6 +147,13 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
         if net[path]["top1_agreement"] < 1.0:
             problems.append(f"whole net on {path}: top-1 agrees with dense on "
                             f"{net[path]['top1_agreement']:.1%} of the images")
+        calibration = raw["paths"][path].get("auto")
+        if calibration:
+            net[path]["auto"] = calibration
+            if calibration.get("replanned_during_rounds"):
+                problems.append(f"{path} re-planned during the timed rounds on "
+                                f"{', '.join(calibration['replanned_during_rounds'])}: their "
+                                "times include calibration forwards")
     for path in paths:
         net[path]["speedup_vs_dense"] = net[baseline]["stats"]["median"] / net[path]["stats"]["median"]
         net[path]["speedup_per_round"] = round_ratios(net[baseline]["times_ms"], net[path]["times_ms"])
@@ -312,6 +324,16 @@ def write_csv(results: dict, path: Path) -> None:
                                  r.get("limit_fraction", "")])
 
 
+# A layer under auto slower than this fraction of dense's speed is named in the table.
+AUTO_SLOW = 0.95
+
+
+def auto_name(choice: dict) -> str:
+    """An auto choice as one word: the path, with its back end unless openmp."""
+    backend = choice.get("backend", "openmp")
+    return choice["path"] + ("" if backend == "openmp" else f"/{backend}")
+
+
 def unclear(result: dict, is_baseline: bool) -> str:
     """'~' when a path's round-by-round ratio to dense does not clearly differ from 1."""
     verdict = result.get("speedup_per_round", {}).get("verdict")
@@ -338,9 +360,11 @@ def table(results: dict) -> str:
             cells.append(f"{t['stats']['min']:8.3f}")
         best = max(series(results), key=lambda p: _layer_result(layer, p)["speedup_vs_dense"])
         at_limit = _layer_result(layer, best).get("limit_fraction")
+        choice = layer.get("auto_choice")
         lines.append(f"{layer['name'][:18]:<18}{layer['weight_sparsity']:6.0%}{layer['input_sparsity']:6.0%}"
                      + "".join(f"{c:>15}" for c in cells) + f"   {best}"
-                     + (f" ({at_limit:.0%} of limit)" if at_limit is not None else ""))
+                     + (f" ({at_limit:.0%} of limit)" if at_limit is not None else "")
+                     + (f"; auto: {auto_name(choice)}" if choice else ""))
     net = results["net"]
     lines.append("-" * len(head))
     fc_path = results["params"].get("fc_path", "dense")
@@ -358,6 +382,24 @@ def table(results: dict) -> str:
                      f"{plan['dense_stats']['median']:.2f} ms timed alongside; top-1 "
                      f"{plan['top1_agreement']:.0%}; layers: "
                      + ", ".join(f"{n} {p}" for p, n in sorted(chosen.items(), key=lambda x: -x[1])))
+    for p in paths:
+        calibration = net[p].get("auto")
+        if not calibration:
+            continue
+        chosen = {}
+        for choice in calibration["choices"].values():
+            chosen[auto_name(choice)] = chosen.get(auto_name(choice), 0) + 1
+        below = [layer for layer in results["layers"]
+                 if layer["paths"][p]["speedup_vs_dense"] < AUTO_SLOW]
+        slow = [layer["name"] for layer in below if not unclear(layer["paths"][p], False)]
+        unclear_count = len(below) - len(slow)
+        lines.append(f"{p + ' (ms)':<30}{net[p]['stats']['median']:8.2f} "
+                     f"{net[p]['speedup_vs_dense']:4.2f}x{unclear(net[p], False)} vs dense; "
+                     f"calibrated in {calibration['calibration_forwards']} forwards; layers: "
+                     + ", ".join(f"{n} {c}" for c, n in sorted(chosen.items(), key=lambda x: -x[1]))
+                     + (f"; clearly below {AUTO_SLOW}x dense: {', '.join(slow)}" if slow else "")
+                     + (f"; {unclear_count} below {AUTO_SLOW}x with no clear difference "
+                        "round by round" if unclear_count else ""))
     if results.get("baselines"):
         lines.extend(baselines_table(results["baselines"]))
     if all("stages_ms" in net[p] for p in paths):
@@ -372,7 +414,8 @@ def table(results: dict) -> str:
                  f"times are medians of {results['params']['repeats']} forwards, ms; "
                  "'!' = output differs from dense; '~' = no clear difference from dense (the "
                  "round-by-round ratios' quartiles straddle 1); whole net: the convolutions on "
-                 f"the column's path, fully connected layers {fc_path} (dense under dense); "
+                 f"the column's path, fully connected layers {fc_path} (dense under dense"
+                 + (", auto under auto" if any(net[p].get("auto") for p in paths) else "") + "); "
                  "limit = t_min / t, t_min = "
                  "max(useful multiply-adds at the measured GEMM rate, bytes at the measured "
                  "bandwidth)")

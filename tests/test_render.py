@@ -156,3 +156,20 @@ def test_a_later_patch_layers_its_edits_on_an_earlier_patchs_file(tmp_path, upst
     assert text.startswith("// @generated from templates/src/caffe/util/io.cpp.edit.j2 and "
                            "templates/src/caffe/util/io.cpp.more-io.edit.j2 by ./inv render;")
     assert "--- a/src/caffe/util/io.cpp" in (out / "0003-more-io.patch").read_text()
+
+
+def test_auto_is_numbered_after_the_concrete_paths_and_never_one_of_them():
+    """auto is selectable (the enums' last value) but not a concrete path: code that iterates
+    forward_paths keeps seeing only paths that compute something themselves."""
+    from sparse_caffe.config import ConvTemplateConfig
+
+    config = CONV_TEMPLATE_CONFIG
+    assert config.auto_path not in config.forward_paths + config.fc_forward_paths
+    assert config.selectable_paths == config.forward_paths + (config.auto_path,)
+    assert config.fc_selectable_paths == config.fc_forward_paths + (config.auto_path,)
+    with pytest.raises(ValueError, match="must not name a concrete forward path"):
+        ConvTemplateConfig(auto_path="direct")
+    with pytest.raises(ValueError, match="unknown paths"):
+        ConvTemplateConfig(auto_excluded=(("dense", "never"),))
+    with pytest.raises(ValueError, match="unknown paths"):
+        ConvTemplateConfig(backend_independent=("fast",))
