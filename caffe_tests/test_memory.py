@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sparse_caffe.config import PROJECT_ROOT
+from sparse_caffe.config import CONV_TEMPLATE_CONFIG, PROJECT_ROOT
 
 
 def test_memory_per_path_in_fresh_processes(tmp_path):
@@ -42,7 +42,7 @@ def test_memory_leak_check_on_the_small_synthetic_net(tmp_path):
     assert record_file.name.startswith("small-b1-")
     record = json.loads(record_file.read_text())
     assert record["net"] == "small" and record["weights"] == "synthetic"
-    assert list(record["paths"]) == ["dense", "spmdm", "sparse_sparse", "sparse_output", "direct"]
+    assert list(record["paths"]) == ["dense", *CONV_TEMPLATE_CONFIG.forward_paths[1:], "auto"]
     for path, entry in record["paths"].items():
         assert entry["forwards"] == 20, path
         assert entry["growth_after_warmup_mib"] == \
