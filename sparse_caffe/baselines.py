@@ -32,9 +32,11 @@ from . import measure, torch_net
 
 ONNX_OPSET = 17
 # A pause before each timed forward: the previous framework's idle threads stop spinning and
-# sleep (libgomp after GOMP_SPINCOUNT spins, ONNX Runtime after its bounded spin loop), so they
-# do not take cores from the next one.
-SETTLE_S = 0.02
+# sleep (libgomp after GOMP_SPINCOUNT spins, ONNX Runtime after its spin loop), so they do not
+# take cores from the next one. Measured here (/proc task CPU times, a loaded machine): an
+# ONNX Runtime session's idle threads used up to ~50 ms of CPU in the 100 ms after a run, so
+# 20 ms was not enough.
+SETTLE_S = 0.1
 
 
 def _outputs(run, feeds) -> list[np.ndarray]:
