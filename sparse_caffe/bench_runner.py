@@ -173,13 +173,15 @@ def run(spec: dict) -> dict:
                              blas)
     if spec.get("pytorch"):
         raw["baselines"] = baselines.measure_whole_net(
-            caffe, net, net_text, feeds, images.count, spec, caffe_rows(caffe, measured, spec))
+            caffe, net, net_text, feeds, images.count, spec,
+            caffe_rows(caffe, measured, spec, layers))
     return raw
 
 
-def caffe_rows(caffe, measured: dict, spec: dict) -> dict:
-    """Caffe's whole-net configurations timed in the baselines' rounds: dense, and the per-layer
-    plan when the run made one ({name: () -> None, switching the net to it})."""
+def caffe_rows(caffe, measured: dict, spec: dict, layers: list[str]) -> dict:
+    """Caffe's whole-net configurations timed in the baselines' rounds: dense, the per-layer plan
+    when the run made one, and auto when the run measured it (decided by then: its calibration
+    ran in the warm-up) ({name: () -> None, switching the net to it})."""
     def dense():
         caffe.clear_conv_forward_paths()
         if hasattr(caffe, "set_fc_forward_path"):
@@ -187,6 +189,16 @@ def caffe_rows(caffe, measured: dict, spec: dict) -> dict:
     rows = {"dense": dense}
     if measured.get("plan"):
         rows["plan"] = lambda: measure.use_plan(caffe, measured["plan"], spec)
+    auto = spec.get("auto_path")
+    if auto and auto in measured["paths"]:
+        def auto_row():  # as measure() runs it: the timed convolutions and every InnerProduct
+            caffe.clear_conv_forward_paths()
+            caffe.set_conv_sparse_backend(spec["backend"])
+            for name in layers:
+                caffe.set_conv_forward_path(auto, name)
+            if hasattr(caffe, "set_fc_forward_path"):
+                caffe.set_fc_forward_path(auto)
+        rows["auto"] = auto_row
     return rows
 
 
