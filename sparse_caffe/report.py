@@ -343,6 +343,7 @@ def unclear(result: dict, is_baseline: bool) -> str:
 def table(results: dict) -> str:
     """The terminal table: per layer, each path's median time and speedup over dense."""
     paths = list(results["params"]["paths"])
+    auto_shown = any(results["net"].get(p, {}).get("auto") for p in paths)
     torch = all("pytorch" in layer for layer in results["layers"]) and results["layers"]
     head = (f"{'layer':<18}{'w 0%':>6}{'in 0%':>6}" + "".join(f"{p[:13]:>15}" for p in paths)
             + (f"{'pytorch':>15}{'pytorch min':>15}" if torch else "") + "   best")
@@ -360,7 +361,8 @@ def table(results: dict) -> str:
             cells.append(f"{t['stats']['min']:8.3f}")
         best = max(series(results), key=lambda p: _layer_result(layer, p)["speedup_vs_dense"])
         at_limit = _layer_result(layer, best).get("limit_fraction")
-        choice = layer.get("auto_choice")
+        # auto's choice, when auto is one of the table's columns
+        choice = layer.get("auto_choice") if auto_shown else None
         lines.append(f"{layer['name'][:18]:<18}{layer['weight_sparsity']:6.0%}{layer['input_sparsity']:6.0%}"
                      + "".join(f"{c:>15}" for c in cells) + f"   {best}"
                      + (f" ({at_limit:.0%} of limit)" if at_limit is not None else "")
