@@ -290,16 +290,22 @@ def main(argv=None) -> int:
                         help="write a prepared run folder at `out` (for the Docker image) instead")
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())
+    if args.export:
+        return report_to_parent(Path(args.out), lambda: export(spec, Path(args.out)), write=False)
+    return report_to_parent(Path(args.out), lambda: run(spec))
+
+
+def report_to_parent(out: Path, compute, write: bool = True) -> int:
+    """A child process's ending: compute()'s result as JSON in `out` (unless write is False) and
+    exit 0, or a UserError's message in out.error and exit 2 (stderr is the user's terminal, for
+    progress; the parent reads the error from that file)."""
     try:
-        if args.export:
-            export(spec, Path(args.out))
-            return 0
-        raw = run(spec)
+        result = compute()
     except UserError as exc:
-        # stderr is the user's terminal (progress); the parent reads the error from this file.
-        Path(args.out).with_suffix(".error").write_text(str(exc))
+        out.with_suffix(".error").write_text(str(exc))
         return 2
-    Path(args.out).write_text(json.dumps(raw))
+    if write:
+        out.write_text(json.dumps(result))
     return 0
 
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from . import bench_runner, measure, nets
 from . import images as images_stage
-from .errors import UserError
 
 TUNED_TYPES = ("Convolution", "InnerProduct")
 
@@ -208,13 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--key-only", action="store_true",
                         help="only the facts of the plan's key (no measuring, nothing written)")
     args = parser.parse_args(argv)
-    try:
-        result = run(json.loads(Path(args.spec).read_text()), args.key_only)
-    except UserError as exc:
-        Path(args.out).with_suffix(".error").write_text(str(exc))
-        return 2
-    Path(args.out).write_text(json.dumps(result))
-    return 0
+    return bench_runner.report_to_parent(
+        Path(args.out), lambda: run(json.loads(Path(args.spec).read_text()), args.key_only))
 
 
 if __name__ == "__main__":
