@@ -1,4 +1,5 @@
-"""Caffe's own gtest suites (convolution, deconvolution, im2col, inner product) on our patched build.
+"""Caffe's own gtest suites (convolution, deconvolution, im2col, inner product, pooling, eltwise,
+neuron) on our patched build.
 
 Each gtest case becomes one pytest item; the binary runs once per session (CPU cases only).
 """
@@ -52,7 +53,7 @@ def gtest_results():
 
 
 def test_every_requested_suite_is_built():
-    """All four suites are in the binary, in float and double (typed tests /0 and /1 on CPU)."""
+    """Every suite is in the binary, in float and double (typed tests /0 and /1 on CPU)."""
     cases = listed_cases(_build())
     for suite in GTEST_SUITES:
         camel = "".join(part.capitalize() for part in suite.split("_"))

@@ -175,10 +175,14 @@ def test_fold_resnet50_keeps_its_output(resnet, fuse_relu):
     types = layer_types(folded_text)
     assert types["BatchNorm"] == types["Scale"] == 0
     assert types["Convolution"] == 53
-    assert types["ReLU"] == 49 - (RESNET_FUSED if fuse_relu else 0)
+    # Every ReLU goes when fused: into its convolution, or into the residual sum before it.
+    assert types["ReLU"] == (0 if fuse_relu else 49)
     layers = layers_by_name(folded_text)
     fused = {name for name, layer in layers.items() if layer.convolution_param.fused_relu}
     assert len(fused) == (RESNET_FUSED if fuse_relu else 0)
+    fused_sums = {name for name, layer in layers.items() if layer.eltwise_param.fused_relu}
+    assert types["Eltwise"] == 16
+    assert len(fused_sums) == (16 if fuse_relu else 0)
     if fuse_relu:
         assert "conv1" in fused and "res4c_branch2b" in fused
         assert not fused & {"res2a_branch1", "res4c_branch2c"}  # they feed an Eltwise
@@ -199,7 +203,8 @@ def test_fold_resnet50_keeps_its_output(resnet, fuse_relu):
 def small_net(caffe):
     """conv -> BatchNorm -> Scale -> ReLU with tops that are not in place; conv2 -> BatchNorm
     (stored scale factor 0) in place; conv3, whose output an Eltwise also reads (not foldable);
-    conv4 -> BatchNorm with batch statistics (not foldable)."""
+    the Eltwise SUM's in-place ReLU (fused into the sum); conv4 -> BatchNorm with batch
+    statistics (not foldable)."""
     L, P = caffe.layers, caffe.params
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[2, 3, 8, 8]))
@@ -212,7 +217,8 @@ def small_net(caffe):
     n.c3 = L.Convolution(n.bn2, num_output=4, kernel_size=1, bias_term=False)
     n.bn3 = L.BatchNorm(n.c3)
     n.sum = L.Eltwise(n.c3, n.bn3, operation=P.Eltwise.SUM)
-    n.c4 = L.Convolution(n.sum, num_output=4, kernel_size=1)
+    n.relu_sum = L.ReLU(n.sum, in_place=True)
+    n.c4 = L.Convolution(n.relu_sum, num_output=4, kernel_size=1)
     n.bn4 = L.BatchNorm(n.c4, use_global_stats=False, in_place=True)
     return str(n.to_proto())
 
@@ -244,8 +250,9 @@ def test_fold_rewires_and_leaves_what_it_cannot_fold(caffe, fuse_relu):
     reference = forward(nets.load_net(text, weights), x)
     folded_text, folded_weights = nets.fold_batchnorm(text, weights, fuse_relu=fuse_relu)
     layers = layers_by_name(folded_text)
-    relu = [] if fuse_relu else ["relu1"]
-    assert list(layers) == ["data", "c1", *relu, "c2", "c3", "bn3", "sum", "c4", "bn4"]
+    relu, relu_sum = ([], []) if fuse_relu else (["relu1"], ["relu_sum"])
+    assert list(layers) == ["data", "c1", *relu, "c2", "c3", "bn3", "sum", *relu_sum, "c4", "bn4"]
+    assert layers["sum"].eltwise_param.fused_relu == fuse_relu
     assert list(layers["c1"].top) == ["sc1"]  # writes what the Scale wrote; the ReLU and c2 read it
     assert layers["c1"].convolution_param.fused_relu == fuse_relu
     assert layers["c2"].convolution_param.bias_term  # folded, with no ReLU after it to fuse

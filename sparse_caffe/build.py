@@ -42,7 +42,9 @@ MKL_REQUIREMENT = "mkl-devel==2026.2.0"
 OPENBLAS_OPENMP_INCLUDE = "/usr/include/x86_64-linux-gnu/openblas-openmp"
 OPENBLAS_OPENMP_LIB = "/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so"
 # Caffe's own gtest suites built with every build and run by caffe_tests/.
-GTEST_SUITES = ("convolution_layer", "deconvolution_layer", "im2col_layer", "inner_product_layer")
+# Caffe's own gtest suites for every layer our patches change (neuron_layer holds ReLU's).
+GTEST_SUITES = ("convolution_layer", "deconvolution_layer", "im2col_layer", "inner_product_layer",
+                "pooling_layer", "eltwise_layer", "neuron_layer")
 # caffe.bin is Caffe's command-line tool (tools/caffe.cpp; written as build/tools/caffe), so a
 # tuned deploy prototxt runs under `caffe time` with no Python of ours.
 MAKE_TARGETS = ("caffe", "pycaffe", "test.testbin", "caffe.bin")

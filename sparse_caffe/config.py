@@ -123,6 +123,9 @@ class ConvTemplateConfig:
     auto_dense_weights: float = 0.6
     auto_prune_ratio: float = 1.5
     auto_rounds: int = 5
+    # ...and goes on, up to this many times auto_rounds, while the winner has not been faster
+    # than every other candidate in three rounds of four (a noise burst, or a near tie).
+    auto_max_rounds_factor: int = 3
     auto_margin: float = 0.05
     auto_density_shift: float = 0.15
     auto_density_check_every: int = 8
@@ -140,6 +143,8 @@ class ConvTemplateConfig:
                 raise ValueError(f"unsupported direct ISA {isa}")
         if not self.fc_forward_paths or self.fc_forward_paths[0] != "dense":
             raise ValueError("dense must be the first InnerProduct forward path (the baseline)")
+        if self.auto_max_rounds_factor < 1:
+            raise ValueError("auto_max_rounds_factor must be at least 1")
         if self.auto_path in self.forward_paths + self.fc_forward_paths:
             raise ValueError(f"{self.auto_path} must not name a concrete forward path")
         unknown = [p for p, _ in self.auto_excluded if p not in self.forward_paths or p == "dense"] + \
@@ -284,6 +289,21 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         "trained weights into the net before timing it (upstream, time ignores -weights and\n"
         "times the fillers' values), so a tuned pruned net is timed doing its real work.",
         ("tools/caffe.cpp",),
+    ),
+    PatchSpec(
+        8, "fast-pooling-eltwise-relu",
+        "The layers between the convolutions, which Amdahl leaves once those are fast: max and\n"
+        "average pooling over the (image, channel) planes in parallel, max pooling without\n"
+        "data-dependent branches (bit-identical results); Eltwise SUM in one parallel pass, with\n"
+        "an optional fused ReLU (eltwise_param.fused_relu, SUM only, backward masked) that the\n"
+        "deploy transform sets; ReLU in parallel on large blobs.",
+        (
+            "src/caffe/proto/caffe.proto",
+            "src/caffe/layers/pooling_layer.cpp",
+            "include/caffe/layers/eltwise_layer.hpp",
+            "src/caffe/layers/eltwise_layer.cpp",
+            "src/caffe/layers/relu_layer.cpp",
+        ),
     ),
 )
 

@@ -230,7 +230,8 @@ def fold_batchnorm(net_param_text: str, weights: dict[str, list[np.ndarray]],
 
     With fuse_relu, a ReLU (negative_slope 0) that is then the only reader of a convolution's
     output goes too, and the convolution gets `convolution_param { fused_relu: true }` (our
-    patched Caffe). An output that anything else also reads (an Eltwise, say) is never changed.
+    patched Caffe); likewise an Eltwise SUM's ReLU becomes `eltwise_param { fused_relu: true }`.
+    An output that anything else also reads (an Eltwise, say) is never changed.
 
     Returns new prototxt text and a new weights dict (copies; the inputs are not modified).
     """
@@ -265,9 +266,27 @@ def fold_batchnorm(net_param_text: str, weights: dict[str, list[np.ndarray]],
                 conv.top[0] = layers[relu].top[0]
                 del layers[relu]
         i += 1
+    if fuse_relu:
+        layers = _fuse_sum_relus(layers)
     del net.layer[:]
     net.layer.extend(layers)
     return net_text(net), new_weights
+
+
+def _fuse_sum_relus(layers: list) -> list:
+    """Each Eltwise SUM whose only reader is a ReLU (negative_slope 0) absorbs it as
+    `eltwise_param { fused_relu: true }` (our patched Caffe), as ResNet's resNx -> resNx_relu."""
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if _fusable_sum(layer):
+            relu = _sole_reader(layers, i)
+            if relu is not None and _fusable_relu(layers[relu]) and _rewirable(layers, i, relu):
+                layer.eltwise_param.fused_relu = True
+                layer.top[0] = layers[relu].top[0]
+                del layers[relu]
+        i += 1
+    return layers
 
 
 def _readers(layers) -> dict[int, list[int]]:
@@ -319,6 +338,12 @@ def _foldable_scale(layer) -> bool:
     # One bottom: the scale is a learned per-channel blob (not a second input).
     return (_single(layer, "Scale") and layer.scale_param.axis == 1
             and layer.scale_param.num_axes == 1)
+
+
+def _fusable_sum(layer) -> bool:
+    return (layer.type == "Eltwise" and len(layer.top) == 1 and not len(layer.include)
+            and not len(layer.exclude) and layer.eltwise_param.operation == layer.eltwise_param.SUM
+            and not layer.eltwise_param.fused_relu)
 
 
 def _fusable_relu(layer) -> bool:

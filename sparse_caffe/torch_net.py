@@ -156,24 +156,28 @@ def _classes() -> dict:
             return F.adaptive_avg_pool2d(x, 1)
 
     class Eltwise(nn.Module):
-        def __init__(self, operation, coeffs):
+        def __init__(self, operation, coeffs, relu):
             super().__init__()
-            self.operation, self.coeffs = operation, coeffs
+            self.operation, self.coeffs, self.relu = operation, coeffs, relu
 
         def forward(self, *xs):
             if self.operation == "sum":
-                if self.coeffs is None:
-                    y = xs[0] + xs[1]
-                    for x in xs[2:]:
-                        y = y + x
-                    return y
-                y = xs[0] * self.coeffs[0]
-                for c, x in zip(self.coeffs[1:], xs[1:]):
-                    y = y + x * c
-                return y
+                y = self._sum(xs)
+                return torch.relu(y) if self.relu else y  # our Caffe's fused_relu
             y = xs[0]
             for x in xs[1:]:
                 y = y * x if self.operation == "prod" else torch.maximum(y, x)
+            return y
+
+        def _sum(self, xs):
+            if self.coeffs is None:
+                y = xs[0] + xs[1]
+                for x in xs[2:]:
+                    y = y + x
+                return y
+            y = xs[0] * self.coeffs[0]
+            for c, x in zip(self.coeffs[1:], xs[1:]):
+                y = y + x * c
             return y
 
     class InnerProduct(nn.Module):
@@ -343,7 +347,7 @@ def _layer_module(layer, blobs, shapes):
         if coeffs is not None and (operation != "sum" or len(coeffs) != len(layer.bottom)):
             raise _unsupported(layer, "coefficients need SUM and one per input")
         module = c["Eltwise"](operation, None if coeffs and all(v == 1 for v in coeffs)
-                              else coeffs)
+                              else coeffs, bool(getattr(p, "fused_relu", False)))
     elif kind == "InnerProduct":
         p = layer.inner_product_param
         _blob_count(layer, blobs, (1, 2) if p.bias_term else (1,))

@@ -17,7 +17,7 @@ import pytest
 from docker.utils.build import match_tag
 
 from sparse_caffe import docker_route, images, measure, render
-from sparse_caffe.build import GTEST_SUITES, MKL_REQUIREMENT
+from sparse_caffe.build import GTEST_SUITES, MAKE_TARGETS, MKL_REQUIREMENT
 from sparse_caffe.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, CaffePin
 from sparse_caffe.errors import UserError
 from sparse_caffe.source import tree_sha256
@@ -93,6 +93,9 @@ def test_dockerfile_pins_are_the_projects():
     assert args["CAFFE_TREE_SHA256"] == CAFFE.tree_sha256
     assert args["MKL_VERSION"] == MKL_REQUIREMENT.split("==")[1]
     assert args["GTEST_SUITES"] == ",".join(GTEST_SUITES)
+    # The image makes what a native build makes (Caffe's own tool included).
+    make = re.search(r'make -j"\$\{JOBS\}" ([^\\\n]+)', DOCKERFILE.read_text())
+    assert make and make.group(1).split() == list(MAKE_TARGETS)
     sent = docker_route.build_args(BuildOptions(jobs=3))
     assert set(sent) <= set(args), "a build argument the Dockerfile does not declare"
     assert {k: v for k, v in sent.items() if k != "JOBS"} == {k: args[k] for k in sent if k != "JOBS"}
