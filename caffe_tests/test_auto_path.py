@@ -106,6 +106,12 @@ def test_without_calibration_a_net_takes_the_cost_models_pick(auto, make_net):
         np.testing.assert_allclose(net.blobs[name].data, dense[name], rtol=1e-4, atol=1e-4)
 
 
+def assert_rounds_in_range(choice):
+    """auto_rounds timed rounds, more (up to auto_max_rounds_factor times) while the winner has
+    not won three rounds of four against every other candidate."""
+    assert CONFIG.auto_rounds <= choice["rounds"] <= CONFIG.auto_max_rounds_factor * CONFIG.auto_rounds
+
+
 def test_calibration_times_every_survivor_then_decides(auto, make_net):
     net = two_layer_net(auto, make_net, np.random.default_rng(2))
     layers = ["conv_dense", "conv_sparse"]
@@ -120,14 +126,15 @@ def test_calibration_times_every_survivor_then_decides(auto, make_net):
     assert dense_layer["state"] == "decided" and dense_layer["path"] in DENSE_KERNELS
     dense_timed = {c for c, ms in dense_layer["candidates"].items() if ms is not None}
     assert dense_timed <= DENSE_KERNELS
-    assert dense_layer["forwards"] == ((CONFIG.auto_rounds + 1) * len(dense_timed)
+    assert dense_layer["forwards"] == ((dense_layer["rounds"] + 1) * len(dense_timed)
                                        if len(dense_timed) > 1 else 0)
     # The 98%-zero layer timed each survivor: a median for each, None for the pruned ones.
     timed = {c for c, ms in sparse["candidates"].items() if ms is not None}
     assert {"dense", "direct"} <= timed
     assert timed.isdisjoint(sparse["pruned"])
     assert set(sparse["candidates"]) == timed | set(sparse["pruned"])
-    assert sparse["forwards"] == (CONFIG.auto_rounds + 1) * len(timed)
+    assert sparse["forwards"] == (sparse["rounds"] + 1) * len(timed)  # a warm-up round first
+    assert_rounds_in_range(sparse)
     assert sparse["state"] == "decided" and sparse["replans"] == 0
     assert 0.3 < sparse["input_density"] <= 1.0
     # The choice is the fastest median, dense unless clearly beaten.
@@ -296,7 +303,8 @@ def test_inner_product_auto_equals_dense(auto, make_net, batch, zeros):
     else:
         assert set(c for c, ms in choice["candidates"].items() if ms is not None) == \
             {"dense", "sparse"}
-        assert choice["forwards"] == (CONFIG.auto_rounds + 1) * 2
+        assert choice["forwards"] == (choice["rounds"] + 1) * 2
+        assert_rounds_in_range(choice)
 
 
 ENV_SCRIPT = """
