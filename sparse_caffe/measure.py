@@ -305,8 +305,9 @@ def measure(caffe, net, layers, feeds, image_count, spec):
     return {"paths": results, "plan": plan, "reference": reference, "dense_inputs": dense_inputs}
 
 
-# auto's calibration must end within this many warm-up forwards (it takes about
-# (timed rounds + 1) x surviving candidates: 6 x 4 with five rounds and four candidates).
+# auto's calibration must end within this many warm-up forwards (it takes (timed rounds + 1) x
+# surviving candidates: 6 x 4 with five rounds and four candidates, up to 16 x 4 when a near tie
+# extends it to three times the rounds).
 MAX_CALIBRATION_FORWARDS = 200
 
 
@@ -354,12 +355,15 @@ def top1_of(net, feeds, image_count, batch, output_blob):
 
 
 def use_plan(caffe, plan, spec):
-    """Every convolution on its planned path; fully connected layers as under sparse columns,
-    or each on its own path when the plan has "fc_layers"."""
+    """Every convolution on its planned path (and back end, when the plan has "backends");
+    fully connected layers as under sparse columns, or each on its own path when the plan has
+    "fc_layers"."""
     caffe.clear_conv_forward_paths()
     caffe.set_conv_sparse_backend(spec["backend"])
     for name, path in plan["layers"].items():
         caffe.set_conv_forward_path(path, name)
+    for name, backend in plan.get("backends", {}).items():  # a layer's own back end (tune's)
+        caffe.set_conv_sparse_backend(backend, name)
     if hasattr(caffe, "set_fc_forward_path"):
         caffe.clear_fc_forward_paths()
         caffe.set_fc_forward_path(spec.get("fc_path", "dense"))

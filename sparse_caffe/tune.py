@@ -25,7 +25,7 @@ from .build import Build
 from .config import cache_dir, results_dir, user_path, writable_folder
 from .errors import UserError
 
-SCHEMA = 1
+SCHEMA = 2  # 2: choices are the auto path's, each with its "candidate" name
 KIND = "sparse-caffe tune plan"
 # The plan's key, in the order a mismatch is looked for (and named): the machine, the build,
 # the weights, the run's shape, then each tuned layer.
@@ -210,8 +210,8 @@ def summary(plan: dict) -> str:
     lines = []
     off = {n: c for n, c in plan["layers"].items() if c["path"] != "dense"}
     for name, choice in off.items():
-        dense, chosen = choice["candidates"]["dense"], choice["candidates"][choice["path"]]
-        lines.append(f"  {name:<22}{choice['path']:<15}{chosen:8.3f} ms  dense {dense:8.3f} ms  "
+        dense, chosen = choice["candidates"]["dense"], choice["candidates"][choice["candidate"]]
+        lines.append(f"  {name:<22}{choice['candidate']:<15}{chosen:8.3f} ms  dense {dense:8.3f} ms  "
                      f"{dense / chosen:5.2f}x")
     whole = plan["whole_net"]
     plan_ms, dense_ms = statistics.median(whole["plan_ms"]), statistics.median(whole["dense_ms"])
@@ -295,8 +295,9 @@ def measure_or_check(build: Build, options: TuneOptions, threads: int,
             "key": key,
             "layers": {name: {"type": key["layers"][name]["type"], **choice}
                        for name, choice in raw["choices"].items()},
-            "rule": "per layer the fastest candidate that agrees with dense (median of "
-                    f"{options.repeats} interleaved rounds); dense unless it is more than 5% faster",
+            "rule": "per layer the auto path's choice: its cost model prunes hopeless "
+                    "candidates, the rest are timed in interleaved calibration rounds; dense "
+                    "unless a candidate's median is clearly faster (see caffe.auto_choices)",
             "deploy": {"prototxt": str(prototxt_path), "weights": str(weights_path),
                        "max_rel_diff_from_dense": raw["deploy_max_rel_diff"]},
             "weights": raw["weights"], "images": raw["images"],

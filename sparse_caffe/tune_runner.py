@@ -2,8 +2,9 @@
 its weights), or only read the facts a plan's key needs from the net as built.
 
 Started by sparse_caffe.tune in a subprocess whose PYTHONPATH names the build and whose
-environment fixes the threads. The timing is sparse_caffe.measure's: its interleaved rounds over
-every path of the build, the same as ./inv bench. For a user mistake: exit 2, the message in
+environment fixes the threads. The choices are the auto path's (its cost model and interleaved
+calibration, as in ./inv bench): a tuned prototxt runs what auto would pick. The plan is then
+timed whole against dense in alternating rounds. For a user mistake: exit 2, the message in
 <out>.error.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,42 +23,37 @@ from . import images as images_stage
 TUNED_TYPES = ("Convolution", "InnerProduct")
 
 
-def layer_choices(caffe, net, measured: dict, spec: dict, fc_differences: dict) -> dict:
-    """Each tuned layer's choice, in the shape caffe.auto_choices() gives: {layer: {"state",
-    "path", "backend", "candidates": {path: median ms or None}, "pruned": {path: reason},
-    "input_density", "replans"}}. Today taken from measure()'s interleaved rounds: per
-    convolution, each path's median profiled time; per InnerProduct layer, its wall-clock time
-    one layer at a time under dense's rounds (dense) and under every other path's (sparse).
-    A path whose output differs from dense is pruned; dense stays unless the fastest other
-    candidate is more than 5% faster."""
-    paths, dense = measured["paths"], spec["paths"][0]
-    choices = {}
-    for name in tuned_layers(net, "Convolution"):
-        counters = paths[dense]["counters"][name]
-        choices[name] = decide(
-            {p: measure.layer_median_ms(paths, p, name) for p in spec["paths"]},
-            {p: "output differs from dense by {:.1e} of its largest value".format(
-                paths[p]["max_rel_diff"][name])
-             for p in spec["paths"] if paths[p]["max_rel_diff"][name] > measure.AGREEMENT_TOLERANCE},
-            spec["backend"], counters["input_nonzeros"] / max(counters["input_elements"], 1))
-    for name in tuned_layers(net, "InnerProduct"):
-        sparse_rounds = [t for p in spec["paths"][1:] for t in paths[p]["layer_times_ms"][name]]
-        pruned = ({"sparse": "output differs from dense by {:.1e} of its largest value".format(
-            fc_differences[name])} if fc_differences[name] > measure.AGREEMENT_TOLERANCE else {})
-        choices[name] = decide(
-            {"dense": statistics.median(paths[dense]["layer_times_ms"][name]),
-             "sparse": statistics.median(sparse_rounds) if sparse_rounds else None},
-            pruned, None, None)
-    return choices
+def auto_plan(caffe, net, feeds, spec) -> dict:
+    """Each tuned layer's choice as the auto path makes it in ./inv bench: every convolution and
+    InnerProduct layer under auto, forwards until all have calibrated (measure.calibrate_auto),
+    then caffe.auto_choices(): {layer: {"state", "kind", "path", "backend", "candidate" (the
+    chosen candidate's name, "spmdm/mkl" say), "candidates": {candidate: median ms or None},
+    "pruned": {candidate: reason}, "predicted", "input_density", "weight_density", "forwards",
+    "replans"}}."""
+    caffe.clear_conv_forward_paths()
+    caffe.clear_fc_forward_paths()
+    caffe.set_conv_forward_path(AUTO)
+    caffe.set_fc_forward_path(AUTO)
+
+    def forward(feed):
+        net.blobs["data"].data[...] = feed
+        net.forward()
+    calibrated = measure.calibrate_auto(caffe, net, forward, feeds, spec["warmup"])
+    caffe.clear_conv_forward_paths()
+    caffe.clear_fc_forward_paths()
+    tuned = set(tuned_layers(net))
+    return {name: dict(choice, candidate=candidate_name(choice))
+            for name, choice in calibrated["choices"].items() if name in tuned}
 
 
-def decide(candidates: dict, pruned: dict, backend, input_density) -> dict:
-    """Dense unless the fastest candidate that agrees with dense is clearly (> 5%) faster."""
-    usable = {p: t for p, t in candidates.items() if t is not None and p not in pruned}
-    best = min(usable, key=usable.get)
-    path = best if usable[best] < measure.CLEAR_WIN * candidates["dense"] else "dense"
-    return {"state": "decided", "path": path, "backend": backend, "candidates": candidates,
-            "pruned": pruned, "input_density": input_density, "replans": 0}
+AUTO = "auto"
+
+
+def candidate_name(choice: dict) -> str:
+    """The name auto gives the chosen candidate: its path, with "/backend" when that candidate
+    exists only on one sparse back end."""
+    qualified = "{}/{}".format(choice["path"], choice["backend"])
+    return qualified if qualified in choice["candidates"] else choice["path"]
 
 
 def tuned_layers(net, layer_type: str | None = None) -> list[str]:
@@ -108,22 +103,6 @@ def deploy_text(net_text: str, choices: dict, header: str) -> str:
     return "".join("# {}\n".format(line) for line in header.splitlines()) + nets.net_text(param)
 
 
-def fc_agreement(caffe, net, feed) -> dict:
-    """Each InnerProduct layer's largest difference from dense on the sparse path, relative to
-    its largest dense output (not timed)."""
-    outputs = {}
-    for path in ("dense", "sparse"):
-        caffe.clear_fc_forward_paths()
-        caffe.set_fc_forward_path(path)
-        net.blobs["data"].data[...] = feed
-        net.forward()
-        outputs[path] = {name: net.blobs[net.top_names[name][0]].data.copy()
-                         for name in tuned_layers(net, "InnerProduct")}
-    caffe.clear_fc_forward_paths()
-    return {name: relative_difference(outputs["sparse"][name], reference)
-            for name, reference in outputs["dense"].items()}
-
-
 def relative_difference(got, reference) -> float:
     return float(np.abs(got - reference).max() / max(float(np.abs(reference).max()), 1e-30))
 
@@ -166,9 +145,8 @@ def run(spec: dict, key_only: bool) -> dict:
     facts = key_facts(caffe, net, net_text, weights, blas)
     if key_only:
         return facts
-    measured = measure.measure(caffe, net, convolutions, feeds, images.count, spec)
-    choices = layer_choices(caffe, net, measured, spec, fc_agreement(caffe, net, feeds[0]))
-    whole = whole_net(caffe, net, convolutions, feeds, images.count, spec, measured, choices)
+    choices = auto_plan(caffe, net, feeds, spec)
+    whole = whole_net(caffe, net, convolutions, feeds, images.count, spec, choices)
     caffe.clear_conv_forward_paths()
     caffe.clear_fc_forward_paths()
     net.blobs["data"].data[...] = feeds[0]  # dense reference output for the deploy check
@@ -179,17 +157,18 @@ def run(spec: dict, key_only: bool) -> dict:
     prototxt.write_text(deploy_text(net_text, choices, spec["prototxt_header"]))
     difference = check_deploy(caffe, prototxt, caffemodel, feeds[0], reference, choices)
     return {**facts, "choices": choices, "deploy_max_rel_diff": difference,
-            "top1_agreement": {p: measured["paths"][p]["top1_agreement"] for p in spec["paths"]},
-            "whole_net": whole, "images": images.describe()}
+            "top1_agreement": whole["top1_agreement"], "whole_net": whole,
+            "images": images.describe()}
 
 
-def whole_net(caffe, net, convolutions, feeds, image_count, spec, measured, choices) -> dict:
+def whole_net(caffe, net, convolutions, feeds, image_count, spec, choices) -> dict:
     """The plan timed whole against dense in alternating rounds (measure.measure_plan), and
     its top-1 agreement with dense over every image."""
     given = {"layers": {n: choices[n]["path"] for n in convolutions},
+             "backends": {n: choices[n]["backend"] for n in convolutions},
              "fc_layers": {n: c["path"] for n, c in choices.items() if n not in convolutions},
              "rule": "tune's choices"}
-    plan = measure.measure_plan(caffe, net, convolutions, feeds, spec, measured["paths"], given)
+    plan = measure.measure_plan(caffe, net, convolutions, feeds, spec, {}, given)
     top1 = measure.top1_of(net, feeds, image_count, spec["batch"], net.outputs[-1])
     caffe.clear_conv_forward_paths()
     caffe.clear_fc_forward_paths()
