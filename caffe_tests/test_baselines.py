@@ -184,3 +184,31 @@ def test_whole_net_baselines_agree_with_caffe_on_the_benchmark_nets(caffe, net_n
         assert len(variant["times_ms"]) == 2 and min(variant["times_ms"]) > 0
     assert len(raw["caffe"]["dense"]["times_ms"]) == 2
     assert len(raw["openmp_runtimes"]) == 1  # PyTorch shares Caffe's libgomp
+
+
+def test_auto_is_calibrated_again_before_the_baselines_rounds(caffe, small_net):
+    """Building the PyTorch model reads every weight through pycaffe's writable `.data`, which
+    counts as a write: auto re-plans. measure_whole_net calibrates it again before its rounds, so
+    no timed round of the auto row is a calibration forward."""
+    caffe.clear_conv_forward_paths()
+    caffe.set_conv_forward_path("auto")
+    caffe.reset_auto()
+    feeds = [small_net.blobs["data"].data.copy()]
+    for _ in range(measure.MAX_CALIBRATION_FORWARDS):
+        small_net.forward()
+        if all(c["state"] == "decided" for c in caffe.auto_choices().values()):
+            break
+    before = {name: c["replans"] for name, c in caffe.auto_choices().items()}
+    assert before
+    try:
+        raw = baselines.measure_whole_net(
+            caffe, small_net, ALL_LAYERS, feeds, 1,
+            {"batch": 2, "warmup": 1, "repeats": 1},
+            {"dense": caffe.clear_conv_forward_paths,
+             "auto": lambda: caffe.set_conv_forward_path("auto")}, compile_too=False)
+    finally:
+        caffe.clear_conv_forward_paths()
+    after = caffe.auto_choices()
+    assert raw["recalibration_forwards"]["auto"] >= 1  # it did calibrate again ...
+    assert all(after[name]["replans"] > before[name] for name in before)  # ... because of the read
+    assert all(c["state"] == "decided" for c in after.values())
