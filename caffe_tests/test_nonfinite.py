@@ -111,3 +111,20 @@ def test_non_finite_values_are_handed_over_as_in_dense(caffe, make_net, backend,
     handed = caffe.conv_profile()
     assert handed[prefix + "c"]["inputs_handed_over"] == 2
     assert handed[prefix + "d"]["inputs_handed_over"] == 2
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS + ["onednn"])
+@pytest.mark.parametrize("at", [0, -1], ids=["first", "last"])
+def test_one_non_finite_value_in_a_large_input_is_found(caffe, make_net, path, at):
+    """The finiteness scan is split over threads in chunks when the input is large: a NaN in the
+    first or the last chunk of a 2 x 32 x 48 x 48 input (147k values) still sends it to dense."""
+    shape = (2, 32, 48, 48)
+    net = make_net(conv_spec(caffe, "conv", shape, 8, dict(kernel_size=3, pad=1)))
+    rng = np.random.default_rng(23)
+    net.params["conv"][0].data[...] = sparse_weights(rng, net.params["conv"][0].data.shape, 0.7)
+    x = random_input(rng, shape, 0.5)
+    x.reshape(-1)[at] = np.nan
+    net.blobs["data"].data[...] = x
+    dense = forward_on(caffe, net, "dense")
+    assert 0 < np.isnan(dense).sum() <= 8 * 9  # only the outputs that read it
+    assert_same_as_dense(forward_on(caffe, net, path), dense, f"{path} NaN at {at}")
