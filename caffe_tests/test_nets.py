@@ -17,7 +17,7 @@ import collections
 import numpy as np
 import pytest
 
-from sparse_caffe import nets
+from sparse_caffe.models import nets
 from sparse_caffe.errors import UserError
 
 RESNET_BLOCKS = [f"{stage}{letter}" for stage, count in ((2, 3), (3, 4), (4, 6), (5, 3))

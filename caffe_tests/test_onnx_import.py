@@ -19,7 +19,7 @@ import pytest
 import skimage.data
 from onnx import TensorProto, helper, numpy_helper
 
-from sparse_caffe import onnx_import
+from sparse_caffe.models import onnx_import
 from sparse_caffe.errors import UserError
 
 from .conftest import write_net
@@ -92,7 +92,7 @@ def test_preprocessing_is_the_package_s(photos):
 
 
 def test_converted_open_nsfw_has_resnet_layout(conversion):
-    from sparse_caffe.nets import parse_net
+    from sparse_caffe.models.nets import parse_net
     layers = parse_net(conversion.prototxt).layer
     kinds = {}
     for layer in layers:

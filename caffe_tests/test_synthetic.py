@@ -20,7 +20,10 @@ import shutil
 import numpy as np
 import pytest
 
-from sparse_caffe import images, inspect, nets, synthetic
+from sparse_caffe.models import images
+from sparse_caffe.inside import sparsity as inspect
+from sparse_caffe.models import nets
+from sparse_caffe.models import synthetic
 from sparse_caffe.errors import UserError
 
 INPUT_TOLERANCE = 0.0025  # fraction of zeros (0.25 percentage points)

@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 from docker.utils.build import match_tag
 
-from sparse_caffe import docker_route, images, measure, render
-from sparse_caffe.build import GTEST_SUITES, MKL_REQUIREMENT
-from sparse_caffe.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, CaffePin
+from sparse_caffe.host import docker_route
+from sparse_caffe.models import images
+from sparse_caffe.inside import measure
+from sparse_caffe.patching import render
+from sparse_caffe.patching.build import GTEST_SUITES, MKL_REQUIREMENT
+from sparse_caffe.patching.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, CaffePin
 from sparse_caffe.errors import UserError
-from sparse_caffe.source import tree_sha256
+from sparse_caffe.patching.source import tree_sha256
 
 from .conftest import UPSTREAM, make_tarball, make_tree
 from .test_cli import assert_one_error_line
@@ -111,7 +114,7 @@ def test_build_context_is_what_the_dockerfile_copies():
     series = [p.relative_to(PROJECT_ROOT).as_posix() for p in render.series_files()]
     expected = {".dockerignore", "docker/Dockerfile", "docker/prepare_caffe.py", "patches/series",
                 *series, "sparse_caffe/__init__.py", "sparse_caffe/errors.py",
-                "sparse_caffe/measure.py"}
+                "sparse_caffe/inside/__init__.py", "sparse_caffe/inside/measure.py"}
     assert set(files) == expected
     sources = copy_sources()
     for source in sources:  # everything the Dockerfile copies is there ...
@@ -143,7 +146,7 @@ def vermin(*paths) -> subprocess.CompletedProcess:
 
 def test_code_that_runs_in_the_image_is_python_3_6():
     files = image_python_files()
-    assert PREPARE in files and PROJECT_ROOT / "sparse_caffe" / "measure.py" in files
+    assert PREPARE in files and PROJECT_ROOT / "sparse_caffe" / "inside" / "measure.py" in files
     result = vermin(*files)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Minimum required versions: 3." in result.stdout
@@ -178,7 +181,7 @@ def test_code_in_the_image_imports_only_what_the_image_has():
 
 
 def test_measure_runs_without_caffe_until_it_needs_it():
-    result = subprocess.run([sys.executable, "-m", "sparse_caffe.measure", "--help"],
+    result = subprocess.run([sys.executable, "-m", "sparse_caffe.inside.measure", "--help"],
                             cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and "prepared by ./inv bench --docker" in result.stdout
 
@@ -405,7 +408,7 @@ def test_a_container_run_mounts_the_folder_as_this_user(tmp_path, monkeypatch, c
                                blas="openblas")
     docker_route.run_measurement(image, tmp_path, threads=3)
     made = engine.create_kwargs
-    assert made["image"] == image.id and made["command"][:3] == ["python3", "-m", "sparse_caffe.measure"]
+    assert made["image"] == image.id and made["command"][:3] == ["python3", "-m", "sparse_caffe.inside.measure"]
     assert made["volumes"] == {str(tmp_path.resolve()): {"bind": "/workspace/run", "mode": "rw"}}
     assert made["user"] == f"{os.getuid()}:{os.getgid()}"
     assert made["environment"]["OMP_NUM_THREADS"] == "3" and engine.removed

@@ -5,7 +5,7 @@ plots). It is assembled under a hidden temporary name and renamed into place onl
 so a failed or interrupted run leaves nothing behind.
 
 With an image of the Docker route, the run is prepared here (the native pycaffe builds the net,
-its weights and the images) and timed in a container of the image (sparse_caffe.docker_route);
+its weights and the images) and timed in a container of the image (sparse_caffe.host.docker_route);
 the rest is the same.
 """
 from __future__ import annotations
@@ -20,12 +20,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import docker_route, machine, measure, memory, nets, render, report
+from .. import machine
+from . import docker_route, report
+from ..inside import measure
+from ..models import memory, nets
+from ..patching import render
 from . import run as run_stage
-from .build import Build
-from .config import (CAFFE, CONV_TEMPLATE_CONFIG, PROJECT_ROOT, BuildOptions, cache_dir,
-                     results_dir, user_path, writable_folder)
-from .errors import UserError
+from ..patching.build import Build
+from ..patching.config import (CAFFE, CONV_TEMPLATE_CONFIG, PROJECT_ROOT, BuildOptions, cache_dir,
+                               results_dir, user_path, writable_folder)
+from ..errors import UserError
 
 # The paths the build has, dense first, then auto (each layer on the path its calibration chose).
 PATHS = CONV_TEMPLATE_CONFIG.selectable_paths
@@ -50,7 +54,7 @@ class BenchOptions:
     transform: str = "fold"
     fc_path: str = "sparse"  # InnerProduct layers under every path but dense
     # The baselines users would pick instead (torch installed on demand): each layer in PyTorch's
-    # CPU convolution, the whole net in PyTorch and in ONNX Runtime (sparse_caffe.baselines).
+    # CPU convolution, the whole net in PyTorch and in ONNX Runtime (sparse_caffe.inside.baselines).
     pytorch: bool = False
 
     def __post_init__(self) -> None:
@@ -181,7 +185,7 @@ def measure_in_docker(build: Build, image: docker_route.Image, partial: Path,
     partial/raw.json as a native run does and returns the software record."""
     folder = partial / "docker-run"
     folder.mkdir()
-    result = run_stage.pycaffe(build, "bench_runner", ["--export", str(partial / "spec.json"),
+    result = run_stage.pycaffe(build, "inside.bench_runner", ["--export", str(partial / "spec.json"),
                                                        str(folder)], threads)
     run_stage.raise_for(result, "preparing the run for the container",
                         folder.with_suffix(".error"))
@@ -196,11 +200,11 @@ def measure_in_docker(build: Build, image: docker_route.Image, partial: Path,
 
 def check_memory(build: Build, options: BenchOptions, threads: int) -> None:
     """Refuse, in one line and before anything is prepared, a batch whose blobs cannot fit in the
-    memory available (the estimate: sparse_caffe.memory)."""
+    memory available (the estimate: sparse_caffe.models.memory)."""
     available = memory.available_bytes()
     if available is None:
         return
-    result = run_stage.pycaffe(build, "memory", [options.net], 1, capture_stderr=True,
+    result = run_stage.pycaffe(build, "models.memory", [options.net], 1, capture_stderr=True,
                                capture_stdout=True)
     run_stage.raise_for(result, "estimating the memory the run needs")
     facts = json.loads(result.stdout)
@@ -288,7 +292,7 @@ def run_benchmark(build: Build, options: BenchOptions,
         (partial / "spec.json").write_text(json.dumps(spec))
         # Progress goes straight to the terminal; errors come back as one line.
         if image is None:
-            result = run_stage.pycaffe(build, "bench_runner", [str(partial / "spec.json"),
+            result = run_stage.pycaffe(build, "inside.bench_runner", [str(partial / "spec.json"),
                                                                str(partial / "raw.json")], threads)
             run_stage.raise_for(result, "the benchmark process", partial / "raw.error")
             software = software_info(build)

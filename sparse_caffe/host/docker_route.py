@@ -2,12 +2,12 @@
 benchmarks timed in a container of it. Talks to the engine through the Docker SDK for Python.
 
 - `./inv build --docker` builds docker/Dockerfile from `build_context()` (what .dockerignore lets
-  through, packed as the SDK packs a folder), with the pins of sparse_caffe/config.py as build
+  through, packed as the SDK packs a folder), with the pins of sparse_caffe/patching/config.py as build
   arguments, streaming the build's log; the image is tagged sparse-caffe:<patch series hash[:12]>
   (-mkl for an MKL image), so a checkout finds the image of its own series.
-- `./inv bench --docker` prepares the run on the host (sparse_caffe.bench_runner --export: the
+- `./inv bench --docker` prepares the run on the host (sparse_caffe.inside.bench_runner --export: the
   net as built, its weights, the images) and times it in a container of that image
-  (`python3 -m sparse_caffe.measure`), the run's folder mounted and the container running as the
+  (`python3 -m sparse_caffe.inside.measure`), the run's folder mounted and the container running as the
   host user, so what it writes belongs to that user; results.json records the image.
 - No engine, or no network inside the build: one line saying so and pointing to the native build.
 """
@@ -20,18 +20,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import render
-from .build import GTEST_SUITES, MKL_REQUIREMENT
-from .config import CAFFE, PROJECT_ROOT, BuildOptions, cache_dir
-from .errors import UserError
-from .measure import ERROR_FILE
+from ..patching import render
+from ..patching.build import GTEST_SUITES, MKL_REQUIREMENT
+from ..patching.config import CAFFE, PROJECT_ROOT, BuildOptions, cache_dir
+from ..errors import UserError
+from ..inside.measure import ERROR_FILE
 from .run import thread_env
-from .shell import say
+from ..shell import say
 
 IMAGE_REPOSITORY = "sparse-caffe"
 DOCKERFILE = "docker/Dockerfile"  # inside the build context
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
-# Far above what the context holds (the Dockerfile, one script, the patches, three modules):
+# Far above what the context holds (the Dockerfile, one script, the patches, four modules):
 # anything near it means a build tree or a results folder slipped in.
 MAX_CONTEXT_BYTES = 1 << 20
 # Inside the image (docker/Dockerfile).
@@ -205,7 +205,7 @@ def run_measurement(image: Image, folder: Path, threads: int) -> None:
     raw.json lands in the folder. The container is removed afterwards (and on Ctrl-C)."""
     engine = client()
     container = engine.containers.create(
-        image.id, ["python3", "-m", "sparse_caffe.measure", CONTAINER_RUN_DIR,
+        image.id, ["python3", "-m", "sparse_caffe.inside.measure", CONTAINER_RUN_DIR,
                    "--image-info", IMAGE_INFO],
         volumes={str(folder.resolve()): {"bind": CONTAINER_RUN_DIR, "mode": "rw"}},
         user=f"{os.getuid()}:{os.getgid()}", working_dir="/workspace",

@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 SCHEMA = "sparse-caffe-bench/2"
 # The whole forward and the sum of its layers' times (same forwards, one layer at a time) should
@@ -173,7 +173,7 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
 
 
 def derive_baselines(raw: dict | None, tolerance: float) -> tuple[dict | None, list[str]]:
-    """The whole-net baselines' results (sparse_caffe.baselines measured them): per variant and
+    """The whole-net baselines' results (sparse_caffe.inside.baselines measured them): per variant and
     per Caffe configuration timed in the same rounds, statistics; per framework the fastest
     variant by median among those that agree with Caffe's dense; and each Caffe configuration's
     speedup over each framework's fastest (its median / ours, with the round-by-round ratios).

@@ -11,10 +11,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import Build
-from .config import PROJECT_ROOT, cache_dir, results_dir, user_path, writable_folder
-from .errors import UserError
-from .shell import die_with_parent
+from ..patching.build import Build
+from ..patching.config import PROJECT_ROOT, cache_dir, results_dir, user_path, writable_folder
+from ..errors import UserError
+from ..shell import die_with_parent
 
 
 # More threads than this many per core only measure the operating system's scheduler.
@@ -108,7 +108,7 @@ def check_baseline(build: Build, results: dict, forwards: int = 30) -> tuple[flo
     spec = {**params, "paths": ["dense"], "weights": str(weights),
             "images": int(images) if isinstance(images, str) and images.isdigit() else images,
             "cache_dir": str(cache_dir())}
-    plain = pycaffe_json(build, "plain_forward", spec, ["--forwards", str(forwards)],
+    plain = pycaffe_json(build, "inside.plain_forward", spec, ["--forwards", str(forwards)],
                          int(params["threads"]), "the plain pycaffe loop",
                          extra_env={"OMP_WAIT_POLICY": "passive"})["median_ms"]
     bench = results["net"]["dense"]["stats"]["median"]
@@ -133,7 +133,7 @@ def inspect_target(net: str, json_path: str | None) -> Path:
 
 def inspect(build: Build, net: str, weights: str, images: str | None, batch: int,
             target: Path) -> Path:
-    """Run sparse_caffe.inspect against a build; its JSON is written to `target` when complete."""
+    """Run sparse_caffe.inside.sparsity against a build; its JSON is written to `target` when complete."""
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
     partial = target.with_name(f".{target.name}.partial")
@@ -141,7 +141,7 @@ def inspect(build: Build, net: str, weights: str, images: str | None, batch: int
     if images:
         args += ["--images", images]
     try:
-        result = pycaffe(build, "inspect", args, os.cpu_count() or 1, capture_stderr=True)
+        result = pycaffe(build, "inside.sparsity", args, os.cpu_count() or 1, capture_stderr=True)
         if result.stderr:
             sys.stderr.write("".join(ln + "\n" for ln in result.stderr.splitlines()
                                      if not ln.startswith("error:")))
@@ -161,7 +161,7 @@ SMALL_NET = "small"
 def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], forwards: int,
            threads: int, layers: str | None = None) -> tuple[dict, Path]:
     """Peak and steady resident memory of the whole net on each path, each in a fresh pycaffe
-    process (see sparse_caffe.rss_probe); written to results/memory/<net>-b<batch>-<time>.json.
+    process (see sparse_caffe.inside.rss_probe); written to results/memory/<net>-b<batch>-<time>.json.
     net may be rss_probe.SMALL_NET, the probe's own small synthetic net (for long leak checks)."""
     if forwards < 1 or batch < 1:
         raise UserError("--forwards and --batch must be at least 1")
@@ -170,7 +170,7 @@ def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], f
         weights = "synthetic"  # its weights are always the probe's seeded synthetic ones
     spec = {"net": net, "weights": weights, "batch": batch, "images": None, "layers": layers,
             "transform": "fold", "cache_dir": str(cache_dir())}
-    measured = {path: pycaffe_json(build, "rss_probe", spec, ["--path", path, "--forwards",
+    measured = {path: pycaffe_json(build, "inside.rss_probe", spec, ["--path", path, "--forwards",
                                                             str(forwards)], threads,
                                    f"the memory probe on {path}") for path in paths}
     dense = measured[paths[0]]["after_forwards"]["peak_mib"]
@@ -193,7 +193,7 @@ def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], f
 def bench_layer_check(shape: str, threads: int, weight_zeros: float, input_zeros: float,
                       repeats: int) -> int:
     """./inv bench-layer's options, checked before anything is built; returns the threads."""
-    from .layer_bench import SHAPES
+    from ..inside.layer_bench import SHAPES
     if shape not in SHAPES:
         raise UserError(f"unknown --shape {shape!r}: choose from {', '.join(sorted(SHAPES))}")
     if repeats < 1:
@@ -209,7 +209,7 @@ def bench_layer_check(shape: str, threads: int, weight_zeros: float, input_zeros
 
 def bench_layer(build: Build, shape: str, threads: int, weight_zeros: float, input_zeros: float,
                 repeats: int) -> Path:
-    """Run sparse_caffe.layer_bench against a build; its JSON lands in results/layer-bench/."""
+    """Run sparse_caffe.inside.layer_bench against a build; its JSON lands in results/layer-bench/."""
     threads = bench_layer_check(shape, threads, weight_zeros, input_zeros, repeats)
     warn_oversubscribed(threads)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -218,7 +218,7 @@ def bench_layer(build: Build, shape: str, threads: int, weight_zeros: float, inp
     target = out_dir / f"{shape}-{build.inputs['blas']}-t{threads}-{stamp}.json"
     partial = target.with_suffix(".partial")
     try:
-        result = pycaffe(build, "layer_bench", ["--shape", shape, "--weight-zeros",
+        result = pycaffe(build, "inside.layer_bench", ["--shape", shape, "--weight-zeros",
                                                 str(weight_zeros), "--input-zeros", str(input_zeros),
                                                 "--repeats", str(repeats), "--json", str(partial)],
                          threads)

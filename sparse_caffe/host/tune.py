@@ -19,11 +19,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import bench, machine
+from .. import machine
+from . import bench
 from . import run as run_stage
-from .build import Build
-from .config import cache_dir, results_dir, user_path, writable_folder
-from .errors import UserError
+from ..patching.build import Build
+from ..patching.config import cache_dir, results_dir, user_path, writable_folder
+from ..errors import UserError
 
 SCHEMA = 1
 KIND = "sparse-caffe tune plan"
@@ -108,10 +109,10 @@ def spec_for(options: TuneOptions) -> dict:
 
 
 def pycaffe_run(build: Build, spec: dict, threads: int, key_only: bool, folder: Path) -> dict:
-    """Run sparse_caffe.tune_runner on `spec`; its JSON, or one line for its failure."""
+    """Run sparse_caffe.inside.tune_runner on `spec`; its JSON, or one line for its failure."""
     spec_file, out = folder / "tune-spec.json", folder / "tune-out.json"
     spec_file.write_text(json.dumps(spec))
-    result = run_stage.pycaffe(build, "tune_runner", [str(spec_file), str(out)] +
+    result = run_stage.pycaffe(build, "inside.tune_runner", [str(spec_file), str(out)] +
                                (["--key-only"] if key_only else []), threads,
                                capture_stderr=key_only)
     run_stage.raise_for(result, "the tune process", out.with_suffix(".error"))

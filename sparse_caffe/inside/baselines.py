@@ -1,6 +1,6 @@
 """Inside pycaffe: the whole net in what users would run instead of Caffe, timed beside Caffe.
 
-The same network (sparse_caffe.torch_net builds it from the Caffe net's own layers and weights),
+The same network (sparse_caffe.models.torch_net builds it from the Caffe net's own layers and weights),
 the same inputs, batch and threads, each framework run the way its users run it fastest on a CPU:
 
 - PyTorch: eval mode under torch.inference_mode(), contiguous (NCHW) and channels_last, each
@@ -28,7 +28,8 @@ import warnings
 
 import numpy as np
 
-from . import measure, torch_net
+from . import measure
+from ..models import torch_net
 
 ONNX_OPSET = 17
 # A pause before each timed forward: the previous framework's idle threads stop spinning and

@@ -1,11 +1,11 @@
 """Inside pycaffe: run one benchmark spec and write its raw measurements as JSON.
 
-Started by sparse_caffe.bench in a subprocess whose PYTHONPATH names the build and whose
+Started by sparse_caffe.host.bench in a subprocess whose PYTHONPATH names the build and whose
 environment fixes the threads. Everything that needs Caffe happens here; statistics, files and
 plots happen in the parent. For a user mistake: exit 2, the message in <out>.error.
 
 Preparing a run (weights, images, the net as built) happens here; timing it is
-sparse_caffe.measure, which the Docker image runs on its own: with --export, this writes a
+sparse_caffe.inside.measure, which the Docker image runs on its own: with --export, this writes a
 prepared run folder for it instead of measuring.
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from . import baselines
-from . import images as images_stage
+from ..models import images as images_stage
 from . import measure
-from . import nets
-from . import synthetic
-from . import weights as weights_stage
-from .errors import UserError
+from ..models import nets
+from ..models import synthetic
+from ..models import weights as weights_stage
+from ..errors import UserError
 
 
 OPEN_NSFW_VERSION = 1  # bump when the conversion or the pruning changes
@@ -36,7 +36,7 @@ OPEN_NSFW_VERSION = 1  # bump when the conversion or the pruning changes
 def open_nsfw_weights(cache: Path, pruned: bool) -> dict:
     """Yahoo's open_nsfw converted to Caffe, pruned to SkimCaffe's ResNet-50 profile or not;
     cached as a .caffemodel. Real trained weights, but pruned here without retraining."""
-    from . import onnx_import
+    from ..models import onnx_import
     kind = "open_nsfw-pruned" if pruned else "open_nsfw"
     path = cache / "open_nsfw" / f"resnet50-1by2-{kind}-v{OPEN_NSFW_VERSION}.caffemodel"
     if not path.is_file():
@@ -203,7 +203,7 @@ def caffe_rows(caffe, measured: dict, spec: dict, layers: list[str]) -> dict:
 
 
 def export(spec: dict, folder: Path) -> None:
-    """A prepared run folder for sparse_caffe.measure in the Docker image: the net as built here
+    """A prepared run folder for sparse_caffe.inside.measure in the Docker image: the net as built here
     (BatchNorm folded, ReLUs fused, as for a native run), its weights, the preprocessed images,
     and the spec with the layers to time and the weights' and images' records."""
     import caffe

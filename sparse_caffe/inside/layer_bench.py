@@ -124,10 +124,10 @@ def main(argv=None) -> int:
 
     import caffe
 
-    from .errors import UserError
-    from .machine import machine_info
+    from ..errors import UserError
+    from ..machine import machine_info
     from .measure import checked_blas_runtime, probe_machine
-    from .report import lower_bound
+    from ..host.report import lower_bound
     load_before = os.getloadavg()
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     caffe.set_mode_cpu()

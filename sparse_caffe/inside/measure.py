@@ -1,9 +1,9 @@
 """The measurement core: every forward path of a loaded net, timed layer by layer and whole.
 
 It runs in two places, so it stays small and runs on Python 3.6:
-  - inside pycaffe on the host, called by sparse_caffe.bench_runner (the native route);
+  - inside pycaffe on the host, called by sparse_caffe.inside.bench_runner (the native route);
   - inside the Docker image, whose Python is Ubuntu 18.04's 3.6, as
-    `python3 -m sparse_caffe.measure RUN_DIR`: RUN_DIR is a folder that `./inv bench --docker`
+    `python3 -m sparse_caffe.inside.measure RUN_DIR`: RUN_DIR is a folder that `./inv bench --docker`
     prepared on the host (bench_runner.export: the net as built, its weights, the preprocessed
     images, the spec), mounted into the container; the raw measurements go to RUN_DIR/raw.json,
     a user's mistake to RUN_DIR/raw.error (exit 2), and the host derives the results from them
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 # A sparse path "agrees" with dense when every output of the layer is within this fraction of the
 # layer's largest dense output: float32 sums of up to ~5000 products, reordered, stay near 1e-6.
@@ -53,7 +53,7 @@ def feed_count(spec, image_count):
 
 def batches(data, batch, count):
     """`count` arrays of exactly `batch` images of `data` (N, ...), cycling through it: the same
-    batches as sparse_caffe.images.batches."""
+    batches as sparse_caffe.models.images.batches."""
     total = len(data)
     return [data[[(index * batch + i) % total for i in range(batch)]] for index in range(count)]
 
@@ -272,7 +272,7 @@ def measure(caffe, net, layers, feeds, image_count, spec):
             name for name, choice in after.items()
             if choice["state"] != "decided" or (choice["forwards"] > 0 and choice["replans"] !=
                                                 results[auto_path]["auto"]["choices"][name]["replans"]))
-    # spec["plan"] False: the caller chooses and times its own plan (sparse_caffe.tune_runner)
+    # spec["plan"] False: the caller chooses and times its own plan (sparse_caffe.inside.tune_runner)
     plan = (measure_plan(caffe, net, layers, feeds, spec, results)
             if len(paths) > 1 and spec.get("plan", True) else None)
     reference, dense_inputs, predictions = {}, {}, {}

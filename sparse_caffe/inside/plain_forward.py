@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from . import bench_runner
-from . import images as images_stage
+from ..models import images as images_stage
 from . import measure
-from .errors import UserError
+from ..errors import UserError
 
 
 def main(argv=None) -> int:

@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from . import bench_runner
-from . import images as images_stage
-from .errors import UserError
-from .run import SMALL_NET
+from ..models import images as images_stage
+from ..errors import UserError
+from ..host.run import SMALL_NET
 
 WARMUP = 3
 

@@ -20,11 +20,11 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from . import nets
-from .errors import UserError
-from .images import ImageSet, batches, fed_counts
-from .synthetic import cached_synthetic, caffe_source_of_pycaffe
-from .weights import SIDECAR_SUFFIX, file_sha256
+from ..models import nets
+from ..errors import UserError
+from ..models.images import ImageSet, batches, fed_counts
+from ..models.synthetic import cached_synthetic, caffe_source_of_pycaffe
+from ..models.weights import SIDECAR_SUFFIX, file_sha256
 
 REPORT_VERSION = 1
 
@@ -240,9 +240,9 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from . import images as images_stage
+    from ..models import images as images_stage
     from .bench_runner import resolve_weights
-    from .config import cache_dir
+    from ..patching.config import cache_dir
 
     parser = argparse.ArgumentParser(description="Per-layer sparsity report of a net")
     parser.add_argument("--net", required=True)

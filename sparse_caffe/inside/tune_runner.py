@@ -1,8 +1,8 @@
 """Inside pycaffe: tune a net (measure it, choose each layer's path, write the deploy prototxt and
 its weights), or only read the facts a plan's key needs from the net as built.
 
-Started by sparse_caffe.tune in a subprocess whose PYTHONPATH names the build and whose
-environment fixes the threads. The timing is sparse_caffe.measure's: its interleaved rounds over
+Started by sparse_caffe.host.tune in a subprocess whose PYTHONPATH names the build and whose
+environment fixes the threads. The timing is sparse_caffe.inside.measure's: its interleaved rounds over
 every path of the build, the same as ./inv bench. For a user mistake: exit 2, the message in
 <out>.error.
 """
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bench_runner, measure, nets
-from . import images as images_stage
+from . import bench_runner, measure
+from ..models import nets
+from ..models import images as images_stage
 
 TUNED_TYPES = ("Convolution", "InnerProduct")
 

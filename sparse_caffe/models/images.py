@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 from .nets import NetInfo, _caffe, net_info
 
 # BVLC's classify.py / Classifier: images are warped to this size, then centre-cropped.

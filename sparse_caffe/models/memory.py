@@ -1,6 +1,6 @@
 """How much memory a benchmark of a net at a batch size needs, estimated before it runs.
 
-Run inside pycaffe (`python -m sparse_caffe.memory NET`): it builds the net's deploy prototxt at
+Run inside pycaffe (`python -m sparse_caffe.models.memory NET`): it builds the net's deploy prototxt at
 batch 1 without weights (Caffe allocates blobs lazily, so this is cheap) and prints, as JSON, the
 bytes of its blobs per image, of its parameters, and of the convolutions' im2col buffers. The host
 (bench.check_memory) scales them by the batch and compares with the memory available, so that

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 CAFFENET_DEPLOY = Path("models") / "bvlc_reference_caffenet" / "deploy.prototxt"
 

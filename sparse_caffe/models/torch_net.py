@@ -1,6 +1,6 @@
 """A Caffe net as a PyTorch module: the same layers, the same weights, the same arithmetic.
 
-The whole-net baselines (sparse_caffe.baselines) time what a user would run instead of Caffe:
+The whole-net baselines (sparse_caffe.inside.baselines) time what a user would run instead of Caffe:
 the net in PyTorch (eager or torch.compile, contiguous or channels_last) and the same module
 exported to ONNX for ONNX Runtime. This module builds that PyTorch module from a TEST-phase
 caffe.Net and the prototxt it was built from: each Caffe layer becomes one small module that
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 SUPPORTED = ("Input", "Convolution", "ReLU", "Pooling", "Eltwise", "InnerProduct", "LRN",
              "Softmax", "Dropout", "Concat", "Flatten", "Reshape", "BatchNorm", "Scale")

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
-from .files import file_sha256, folder_lock
+from ..errors import UserError
+from ..files import file_sha256, folder_lock
 
 SKIMCAFFE_COMMIT = "2f66b5a95329a478db3097849f2a6a74d74bb5eb"
 RAW_BASE_URL = f"https://raw.githubusercontent.com/IntelLabs/SkimCaffe/{SKIMCAFFE_COMMIT}"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from . import cache, render
 from .config import PROJECT_ROOT, BuildOptions, cache_dir
-from .errors import UserError
-from .shell import run_logged, say, step
+from ..errors import UserError
+from ..shell import run_logged, say, step
 from .source import SourceTree, ensure_source
 
 # Bump when the recipe below changes in a way the key would not otherwise see.

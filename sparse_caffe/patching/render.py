@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import (CAFFE, CONV_TEMPLATE_CONFIG, PATCH_SERIES, PATCHES_DIR, RENDER_COMMAND,
                      TEMPLATES_DIR, ConvTemplateConfig, PatchSpec)
-from .errors import UserError
+from ..errors import UserError
 from .templating import TemplateError, apply_edits, generated_header, parse_edits, render
 
 SERIES_FILE = "series"

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from . import cache
 from .config import CAFFE, CaffePin, user_path
-from .errors import UserError
-from .files import file_sha256
-from .shell import run_logged, say
+from ..errors import UserError
+from ..files import file_sha256
+from ..shell import run_logged, say
 
 APT_SOURCES_FILES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
