@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from ..errors import UserError
+from ..inside.measure import lower_bound
 
 SCHEMA = "sparse-caffe-bench/2"
 # The whole forward and the sum of its layers' times (same forwards, one layer at a time) should
@@ -32,19 +33,6 @@ def stats(values: list[float]) -> dict:
             "iqr": q3 - q1, "mean": statistics.fmean(ordered),
             "stddev": statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
             "rounds": len(ordered)}
-
-
-def lower_bound(useful_macs: float, weight_nonzeros: int, input_elements: float,
-                output_elements: float, probe: dict) -> dict:
-    """A layer's physical lower bound per forward: t_min = max(useful multiply-adds at the
-    measured multiply-add rate, bytes moved at the measured bandwidth). Bytes: the nonzero weights
-    (value and index, 4 bytes each), the input and the output (float32), read or written once."""
-    moved = 8 * weight_nonzeros + 4 * input_elements + 4 * output_elements
-    compute_ms = useful_macs / probe["macs_per_second"] * 1e3
-    memory_ms = moved / probe["bytes_per_second"] * 1e3
-    return {"t_min_ms": max(compute_ms, memory_ms), "compute_ms": compute_ms,
-            "memory_ms": memory_ms, "bytes": moved, "useful_macs": useful_macs,
-            "bound": "compute" if compute_ms >= memory_ms else "memory"}
 
 
 def layer_limit(entry: dict, counters: dict, batch: int, probe: dict) -> dict:

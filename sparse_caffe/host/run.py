@@ -14,6 +14,7 @@ from pathlib import Path
 from ..patching.build import Build
 from ..patching.config import PROJECT_ROOT, cache_dir, results_dir, user_path, writable_folder
 from ..errors import UserError
+from ..inside.rss_probe import SMALL_NET  # the memory task's own small synthetic net
 from ..shell import die_with_parent
 
 
@@ -154,8 +155,6 @@ def inspect(build: Build, net: str, weights: str, images: str | None, batch: int
 
 # Peak resident memory of a sparse path may exceed dense's by this much (issue 14's bound).
 MEMORY_TOLERANCE = 1.2
-# The memory task's own net: small and synthetic, so that 10,000 forwards per path take minutes.
-SMALL_NET = "small"
 
 
 def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], forwards: int,

@@ -126,8 +126,7 @@ def main(argv=None) -> int:
 
     from ..errors import UserError
     from ..machine import machine_info
-    from .measure import checked_blas_runtime, probe_machine
-    from ..host.report import lower_bound
+    from .measure import checked_blas_runtime, lower_bound, probe_machine
     load_before = os.getloadavg()
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     caffe.set_mode_cpu()

@@ -130,6 +130,19 @@ layer { name: "gemm" type: "InnerProduct" bottom: "data" top: "gemm"
 """
 
 
+def lower_bound(useful_macs: float, weight_nonzeros: int, input_elements: float,
+                output_elements: float, probe: dict) -> dict:
+    """A layer's physical lower bound per forward: t_min = max(useful multiply-adds at the
+    measured multiply-add rate, bytes moved at the measured bandwidth). Bytes: the nonzero weights
+    (value and index, 4 bytes each), the input and the output (float32), read or written once."""
+    moved = 8 * weight_nonzeros + 4 * input_elements + 4 * output_elements
+    compute_ms = useful_macs / probe["macs_per_second"] * 1e3
+    memory_ms = moved / probe["bytes_per_second"] * 1e3
+    return {"t_min_ms": max(compute_ms, memory_ms), "compute_ms": compute_ms,
+            "memory_ms": memory_ms, "bytes": moved, "useful_macs": useful_macs,
+            "bound": "compute" if compute_ms >= memory_ms else "memory"}
+
+
 def probe_machine(caffe, size=1024, repeats=5):
     """What the cores can reach, for each layer's lower bound t_min = max(useful multiply-adds /
     the multiply-add rate, bytes / bandwidth): the multiply-add rate of Caffe's own dense GEMM (an

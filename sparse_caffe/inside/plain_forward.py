@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import bench_runner
+from . import prepare
 from ..models import images as images_stage
 from . import measure
 from ..errors import UserError
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())
     try:
-        caffe, net, _, _, _, images = bench_runner.prepare_from_file(args.spec)
+        caffe, net, _, _, _, images = prepare.prepare_from_file(args.spec)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ forwards, then many more. Prints one JSON object: peak and current RSS after the
 after the rest (growth after warm-up would be a leak). The peak is restarted once the net is
 built, so it measures the forwards, not the preparation.
 
-The net `small` (run.SMALL_NET) is this probe's own: a few synthetic layers (seeded pruned
+The net `small` (SMALL_NET) is this probe's own: a few synthetic layers (seeded pruned
 weights, inputs with ReLU-like zeros) that exercise what a leak could hide in (hand-overs between
 sparse_output layers, fused ReLU, stride, groups, 1x1, the sparse InnerProduct), small enough
 for 10,000 forwards per path.
@@ -20,11 +20,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import bench_runner
+from . import prepare
 from ..models import images as images_stage
 from ..errors import UserError
-from ..host.run import SMALL_NET
 
+# The memory task's own net: small and synthetic, so that 10,000 forwards per path take minutes.
+SMALL_NET = "small"
 WARMUP = 3
 
 
@@ -95,9 +96,9 @@ def main(argv=None) -> int:
     try:
         if spec["net"] == SMALL_NET:
             caffe, net, feeds = small_net(spec["batch"])
-            layers = bench_runner.conv_layers(net, spec["layers"])
+            layers = prepare.conv_layers(net, spec["layers"])
         else:
-            caffe, net, _, layers, _, images = bench_runner.prepare_from_file(args.spec)
+            caffe, net, _, layers, _, images = prepare.prepare_from_file(args.spec)
             feeds = list(images_stage.batches(images, spec["batch"], max(1, images.count)))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..models import nets
+from ..models import nets, zoo
 from ..errors import UserError
 from ..models.images import ImageSet, batches, fed_counts
 from ..models.synthetic import cached_synthetic, caffe_source_of_pycaffe
@@ -97,14 +97,14 @@ def load_weights(net_name: str, weights_path: Path, batch: int, caffe_source: Pa
         raise UserError(f"--weights {weights_path}: no such file")
     if caffe_source is None:
         caffe_source = caffe_source_of_pycaffe()
-    text = nets.deploy(net_name, batch, caffe_source)
+    text = zoo.deploy(net_name, batch, caffe_source)
     with tempfile.TemporaryDirectory(prefix="sparse-caffe-inspect-") as folder:
         prototxt = Path(folder) / f"{net_name}.prototxt"
         prototxt.write_text(text)
         net = caffe.Net(str(prototxt), caffe.TEST)
     # The benchmark's check: an empty, random or other net's file is refused in one line here
     # (Caffe would abort with a stack, or leave the layers it does not name at zero).
-    from .bench_runner import check_weights_fit
+    from .prepare import check_weights_fit
     check_weights_fit(caffe, net, weights_path)
     net.copy_from(str(weights_path))
     return text, net
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     import sys
 
     from ..models import images as images_stage
-    from .bench_runner import resolve_weights
+    from .prepare import resolve_weights
     from ..patching.config import cache_dir
 
     parser = argparse.ArgumentParser(description="Per-layer sparsity report of a net")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bench_runner, measure
+from . import measure, prepare
 from ..models import nets
 from ..models import images as images_stage
 
@@ -79,7 +79,7 @@ def layer_key(net, net_text: str) -> dict:
                  "top": [list(net.blobs[t].data.shape) for t in net.top_names[name]],
                  "weights": list(net.params[name][0].data.shape)}
         if layer.type == "Convolution":
-            geometry = bench_runner.conv_geometry(layer.convolution_param)
+            geometry = nets.conv_geometry(layer.convolution_param)
             entry.update(kernel=list(net.params[name][0].data.shape[2:]),
                          stride=list(geometry["stride"]), pad=list(geometry["pad"]),
                          dilation=list(geometry["dilation"]), group=geometry["group"])
@@ -159,7 +159,7 @@ def key_facts(caffe, net, net_text: str, weights: dict, blas: dict) -> dict:
 def run(spec: dict, key_only: bool) -> dict:
     import caffe
     caffe.set_mode_cpu()
-    net, net_text, convolutions, weights, images = bench_runner.prepare(caffe, spec)
+    net, net_text, convolutions, weights, images = prepare.prepare(caffe, spec)
     feeds = list(images_stage.batches(images, spec["batch"],
                                       measure.feed_count(spec, images.count)))
     net.blobs["data"].data[...] = feeds[0]
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--key-only", action="store_true",
                         help="only the facts of the plan's key (no measuring, nothing written)")
     args = parser.parse_args(argv)
-    return bench_runner.report_to_parent(
+    return prepare.report_to_parent(
         Path(args.out), lambda: run(json.loads(Path(args.spec).read_text()), args.key_only))
 
 

@@ -46,12 +46,12 @@ def available_bytes() -> int | None:
 def facts(net_name: str) -> dict:
     """Sizes of the net at batch 1 (see the module doc)."""
     import caffe
-    from . import nets
+    from . import zoo
     caffe.set_mode_cpu()
     source = Path(caffe.__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory(prefix="sparse-caffe-memory-") as folder:
         prototxt = Path(folder) / "deploy.prototxt"
-        prototxt.write_text(nets.deploy(net_name, 1, source))
+        prototxt.write_text(zoo.deploy(net_name, 1, source))
         net = caffe.Net(str(prototxt), caffe.TEST)
     blob_bytes = sum(blob.count for blob in net.blobs.values()) * FLOAT_BYTES
     param_bytes = sum(p.count for params in net.params.values() for p in params) * FLOAT_BYTES

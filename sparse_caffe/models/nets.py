@@ -39,7 +39,7 @@ class NetInfo:
 NETS = {
     "caffenet": NetInfo("caffenet", 227, (104.0, 117.0, 123.0)),
     "resnet50": NetInfo("resnet50", 224, (104.0, 117.0, 123.0)),
-    # Yahoo's open_nsfw, a half-width ResNet-50 trained on real photos (sparse_caffe/onnx_import).
+    # Yahoo's open_nsfw, a half-width ResNet-50 trained on real photos (models/onnx_import; its deploy prototxt: models/zoo).
     "resnet50-1by2": NetInfo("resnet50-1by2", 224, (104.0, 117.0, 123.0)),
 }
 
@@ -49,17 +49,6 @@ def net_info(name: str) -> NetInfo:
     if name not in NETS:
         raise UserError(f"unknown net {name!r}: choose one of {', '.join(NETS)}")
     return NETS[name]
-
-
-def deploy(name: str, batch: int, caffe_source: Path) -> str:
-    """Deploy prototxt text of a supported net (caffe_source: the Caffe tree, for CaffeNet)."""
-    name = net_info(name).name
-    if name == "caffenet":
-        return caffenet_deploy(caffe_source, batch)
-    if name == "resnet50-1by2":
-        from .onnx_import import convert
-        return convert(batch=batch)[0]
-    return resnet50_deploy(batch)
 
 
 # ----------------------------------------------------------------------------- pycaffe access
@@ -369,3 +358,16 @@ def _folded(conv, bn, scale, weights) -> list[np.ndarray]:
     if len(conv_blobs) == 2:
         new_b = new_b.reshape(np.shape(weights[conv.name][1]))
     return [new_w, new_b]
+
+
+def conv_geometry(c) -> dict:
+    """A 2-D convolution_param's stride, pad and dilation as (h, w) pairs, with Caffe's defaults
+    (one value for both sides, or the _h/_w fields), and its group."""
+    def pair(values, h, w, default):
+        if h or w:
+            return (h, w)
+        values = list(values) or [default]
+        return (values[0], values[-1])
+    return {"stride": pair(c.stride, c.stride_h, c.stride_w, 1),
+            "pad": pair(c.pad, c.pad_h, c.pad_w, 0),
+            "dilation": pair(c.dilation, 0, 0, 1), "group": c.group}

@@ -75,7 +75,7 @@ from typing import Callable, Mapping, Union
 
 import numpy as np
 
-from . import nets
+from . import nets, zoo
 from ..patching.config import cache_dir
 from ..errors import UserError
 from .images import ImageSet, load_images
@@ -452,7 +452,7 @@ def synthetic_model(net_name: str, cache_root: Path | None = None, *, seed: int 
                         f"(they run as one batch); give a smaller folder")
     if caffe_source is None:
         caffe_source = caffe_source_of_pycaffe()
-    text = nets.deploy(info.name, images.count, caffe_source)
+    text = zoo.deploy(info.name, images.count, caffe_source)
     net_sites = sites(text)
     targets = resolve_profile(profile, net_sites)
     profile_sha = _sha256_text(json.dumps(sorted(targets.items())))
