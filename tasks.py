@@ -151,9 +151,9 @@ def inspect(c, net, weights="auto", images=None, batch=1, blas="openblas", json=
     nets.net_info(net)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
-    target = run_stage.inspect_target(net, json)
+    target = run_stage.sparsity_report_target(net, json)
     result = build_stage.build(BuildOptions(blas=blas))
-    print(run_stage.inspect(result, net, bench_stage.user_weights(weights),
+    print(run_stage.sparsity_report(result, net, bench_stage.user_weights(weights),
                             bench_stage.user_images(images), batch, target))
 
 
@@ -204,8 +204,8 @@ def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="op
         repeats=repeats, warmup=warmup, layers=layers, transform=transform, fc_path=fc_path,
         pytorch=pytorch)
     bench_stage.results_folder()  # writable, before anything is built
-    if backend == "mkl" and blas != "mkl":
-        raise UserError("--backend mkl needs an MKL build: add --blas mkl")
+    if not docker:
+        bench_stage.check_backend_blas(backend, blas)
     # With --docker: the image first (no engine, no image: one line, nothing built); the native
     # build then only prepares the run, so its BLAS does not matter.
     image = bench_stage.docker_image(options, BuildOptions(blas=blas)) if docker else None

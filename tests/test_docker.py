@@ -113,8 +113,10 @@ def test_build_context_is_what_the_dockerfile_copies():
     files = context_files()
     series = [p.relative_to(PROJECT_ROOT).as_posix() for p in render.series_files()]
     expected = {".dockerignore", "docker/Dockerfile", "docker/prepare_caffe.py", "patches/series",
-                *series, "sparse_caffe/__init__.py", "sparse_caffe/errors.py",
-                "sparse_caffe/inside/__init__.py", "sparse_caffe/inside/measure.py"}
+                *series, "sparse_caffe/__init__.py", "sparse_caffe/errors.py", "sparse_caffe/files.py",
+                "sparse_caffe/terminal.py",
+                "sparse_caffe/inside/__init__.py", "sparse_caffe/inside/measure.py",
+                "sparse_caffe/models/__init__.py", "sparse_caffe/models/net_layers.py"}
     assert set(files) == expected
     sources = copy_sources()
     for source in sources:  # everything the Dockerfile copies is there ...
@@ -167,15 +169,18 @@ def test_the_3_6_check_catches_newer_python(tmp_path):
 def test_code_in_the_image_imports_only_what_the_image_has():
     """Standard library, numpy, pycaffe, protobuf, and modules that are in the context."""
     allowed = set(sys.stdlib_module_names) | {"numpy", "caffe", "google"}
-    shipped = {Path(p).stem for p in context_files() if p.startswith("sparse_caffe/")}
+    shipped = set(context_files())
     for path in image_python_files():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert alias.name.split(".")[0] in allowed, (path.name, alias.name)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    assert (node.module or "").split(".")[0] in shipped, (path.name, node.module)
+                if node.level:  # the module it names, resolved from this file's package
+                    base = path.parents[node.level - 1].joinpath(*(node.module or "").split("."))
+                    target = base.relative_to(PROJECT_ROOT).as_posix()
+                    assert f"{target}.py" in shipped or f"{target}/__init__.py" in shipped, \
+                        (path.name, node.module)
                 else:
                     assert node.module.split(".")[0] in allowed, (path.name, node.module)
 

@@ -34,7 +34,7 @@ from ..errors import UserError
 # The paths the build has, dense first, then auto (each layer on the path its calibration chose).
 PATHS = CONV_TEMPLATE_CONFIG.selectable_paths
 AUTO_PATH = CONV_TEMPLATE_CONFIG.auto_path
-BACKENDS = ("openmp", "mkl")
+BACKENDS = CONV_TEMPLATE_CONFIG.sparse_backends
 TRANSFORMS = ("fold", "none")
 FC_PATHS = CONV_TEMPLATE_CONFIG.fc_forward_paths
 
@@ -61,7 +61,7 @@ class BenchOptions:
         nets.net_info(self.net)  # UserError for an unknown net
         check_paths(self.paths)
         if self.backend not in BACKENDS:
-            raise UserError(f"unknown backend {self.backend!r}: choose openmp or mkl")
+            raise UserError(f"unknown backend {self.backend!r}: choose {' or '.join(BACKENDS)}")
         if self.fc_path not in FC_PATHS:
             raise UserError(f"unknown --fc-path {self.fc_path!r}: choose {' or '.join(FC_PATHS)}")
         if self.transform not in TRANSFORMS:
@@ -170,13 +170,18 @@ def docker_image(options: BenchOptions, build_options: BuildOptions) -> docker_r
     return docker_route.find_image(build_options.blas)
 
 
+def check_backend_blas(backend: str, blas: str, built: str = "build") -> None:
+    """The mkl sparse back end exists only in a Caffe built against MKL (a build or an image)."""
+    if backend == "mkl" and blas != "mkl":
+        raise UserError(f"--backend mkl needs an MKL {built}: add --blas mkl")
+
+
 def check_docker(options: BenchOptions, blas: str) -> None:
     """What a containerised run cannot do, refused before anything runs."""
     if options.pytorch:
         raise UserError("--pytorch does not work with --docker (the image's Python 3.6 has no "
                         "PyTorch): run the baseline natively, without --docker")
-    if options.backend == "mkl" and blas != "mkl":
-        raise UserError("--backend mkl needs an MKL image: add --blas mkl")
+    check_backend_blas(options.backend, blas, "image")
 
 
 def measure_in_docker(build: Build, image: docker_route.Image, partial: Path,
@@ -267,8 +272,8 @@ def run_benchmark(build: Build, options: BenchOptions,
     """Run the benchmark (natively, or timed in a container of `image`) into a new folder."""
     if image is not None:
         check_docker(options, image.blas)
-    elif options.backend == "mkl" and build.inputs["blas"] != "mkl":
-        raise UserError("--backend mkl needs an MKL build: add --blas mkl")
+    else:
+        check_backend_blas(options.backend, build.inputs["blas"])
     threads = run_stage.check_threads(options.threads)
     runs = results_folder()
     for folder in remove_stale_partials(runs):

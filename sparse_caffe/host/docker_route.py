@@ -26,12 +26,12 @@ from ..patching.config import CAFFE, PROJECT_ROOT, BuildOptions, cache_dir
 from ..errors import UserError
 from ..inside.measure import ERROR_FILE
 from .run import thread_env
-from ..shell import say
+from ..terminal import say
 
 IMAGE_REPOSITORY = "sparse-caffe"
 DOCKERFILE = "docker/Dockerfile"  # inside the build context
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
-# Far above what the context holds (the Dockerfile, one script, the patches, four modules):
+# Far above what the context holds (the Dockerfile, one script, the patches, eight modules):
 # anything near it means a build tree or a results folder slipped in.
 MAX_CONTEXT_BYTES = 1 << 20
 # Inside the image (docker/Dockerfile).

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..inside.measure import lower_bound
+from ..patching.config import CONV_TEMPLATE_CONFIG
 
 SCHEMA = "sparse-caffe-bench/2"
 # The whole forward and the sum of its layers' times (same forwards, one layer at a time) should
@@ -19,10 +20,11 @@ SCHEMA = "sparse-caffe-bench/2"
 CONSISTENCY_TOLERANCE = 0.10
 # How the whole forward is broken down: Caffe layer types per stage, the rest is "other".
 STAGES = (("convolution", ("Convolution",)), ("fully_connected", ("InnerProduct",)))
-PHASES = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
-PATH_COLOURS = {"dense": "tab:green", "spmdm": "tab:purple", "sparse_sparse": "tab:blue",
-                "sparse_output": "tab:orange", "direct": "tab:brown", "onednn": "tab:cyan",
-                "auto": "tab:olive"}
+PHASES = CONV_TEMPLATE_CONFIG.phases
+# One colour per path, in config's order (dense green, spmdm purple, as the seed study drew them).
+PATH_COLOURS = dict(zip(CONV_TEMPLATE_CONFIG.selectable_paths,
+                        ("tab:green", "tab:purple", "tab:blue", "tab:orange", "tab:brown",
+                         "tab:cyan", "tab:olive")))
 
 
 def stats(values: list[float]) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..patching.build import Build
 from ..patching.config import PROJECT_ROOT, cache_dir, results_dir, user_path, writable_folder
 from ..errors import UserError
+from ..files import atomic_path, atomic_write_json
 from ..inside.rss_probe import SMALL_NET  # the memory task's own small synthetic net
 from ..shell import die_with_parent
 
@@ -120,7 +121,7 @@ def check_baseline(build: Build, results: dict, forwards: int = 30) -> tuple[flo
     return bench, plain
 
 
-def inspect_target(net: str, json_path: str | None) -> Path:
+def sparsity_report_target(net: str, json_path: str | None) -> Path:
     """Where ./inv inspect writes its JSON, checked writable before anything runs."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = (user_path(json_path) if json_path
@@ -132,24 +133,20 @@ def inspect_target(net: str, json_path: str | None) -> Path:
     return target
 
 
-def inspect(build: Build, net: str, weights: str, images: str | None, batch: int,
+def sparsity_report(build: Build, net: str, weights: str, images: str | None, batch: int,
             target: Path) -> Path:
     """Run sparse_caffe.inside.sparsity against a build; its JSON is written to `target` when complete."""
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
-    partial = target.with_name(f".{target.name}.partial")
-    args = ["--net", net, "--weights", weights, "--batch", str(batch), "--json", str(partial)]
-    if images:
-        args += ["--images", images]
-    try:
+    with atomic_path(target) as partial:
+        args = ["--net", net, "--weights", weights, "--batch", str(batch), "--json", str(partial)]
+        if images:
+            args += ["--images", images]
         result = pycaffe(build, "inside.sparsity", args, os.cpu_count() or 1, capture_stderr=True)
         if result.stderr:
             sys.stderr.write("".join(ln + "\n" for ln in result.stderr.splitlines()
                                      if not ln.startswith("error:")))
         raise_for(result, "the sparsity report")
-        partial.rename(target)
-    finally:
-        partial.unlink(missing_ok=True)
     return target
 
 
@@ -183,9 +180,7 @@ def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], f
               "forwards": forwards, "layers": layers, "tolerance": MEMORY_TOLERANCE,
               "paths": measured}
     target = out_dir / f"{net}-b{batch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    partial.rename(target)
+    atomic_write_json(target, record, indent=1)
     return record, target
 
 
@@ -215,17 +210,13 @@ def bench_layer(build: Build, shape: str, threads: int, weight_zeros: float, inp
     out_dir = writable_folder(results_dir() / "layer-bench",
                               "the results folder (SPARSE_CAFFE_RESULTS)")
     target = out_dir / f"{shape}-{build.inputs['blas']}-t{threads}-{stamp}.json"
-    partial = target.with_suffix(".partial")
-    try:
+    with atomic_path(target) as partial:
         result = pycaffe(build, "inside.layer_bench", ["--shape", shape, "--weight-zeros",
-                                                str(weight_zeros), "--input-zeros", str(input_zeros),
-                                                "--repeats", str(repeats), "--json", str(partial)],
-                         threads)
+                                                       str(weight_zeros), "--input-zeros",
+                                                       str(input_zeros), "--repeats", str(repeats),
+                                                       "--json", str(partial)], threads)
         if result.returncode != 0 or not partial.is_file():
             raise UserError("the layer benchmark failed or a path disagreed with dense (see above)")
-        partial.rename(target)
-    finally:
-        partial.unlink(missing_ok=True)
     return target
 
 

@@ -48,8 +48,7 @@ def agreement(outputs: list[np.ndarray], reference: list[np.ndarray], batch: int
               image_count: int) -> dict:
     """The last blob's largest difference from Caffe's relative to Caffe's largest value, over
     the check feeds, and how many images (of image_count) get a different top-1."""
-    scale = max(float(np.abs(r).max()) for r in reference)
-    diff = max(float(np.abs(o - r).max()) for o, r in zip(outputs, reference)) / max(scale, 1e-30)
+    diff = measure.relative_difference(list(outputs), list(reference))
     top1 = [int(k) for o in outputs for k in o.reshape(batch, -1).argmax(1)][:image_count]
     want = [int(k) for r in reference for k in r.reshape(batch, -1).argmax(1)][:image_count]
     differ = sum(a != b for a, b in zip(top1, want))

@@ -34,7 +34,7 @@ def run(spec: dict) -> dict:
                                       measure.feed_count(spec, images.count)))
     net.blobs["data"].data[...] = feeds[0]
     blas = measure.checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
-    measured = measure.measure(caffe, net, layers, feeds, images.count, spec)
+    measured = measure.measure_paths(caffe, net, layers, feeds, images.count, spec)
     pytorch = (torch_baseline(caffe, net, net_text, layers, measured["dense_inputs"],
                               measured["reference"], spec)
                if spec.get("pytorch") else None)
@@ -60,7 +60,7 @@ def caffe_rows(caffe, measured: dict, spec: dict, layers: list[str]) -> dict:
         rows["plan"] = lambda: measure.use_plan(caffe, measured["plan"], spec)
     auto = spec.get("auto_path")
     if auto and auto in measured["paths"]:
-        def auto_row():  # as measure() runs it: the timed convolutions and every InnerProduct
+        def auto_row():  # as measure_paths() runs it: the timed convolutions and every InnerProduct
             caffe.clear_conv_forward_paths()
             caffe.set_conv_sparse_backend(spec["backend"])
             for name in layers:
@@ -132,7 +132,7 @@ def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, o
             best = min(formats, key=lambda f: statistics.median(times[f]))
             y = forward(best).contiguous()
         reference = outputs[name]
-        difference = float(np.abs(y.numpy() - reference).max() / max(float(np.abs(reference).max()), 1e-30))
+        difference = measure.relative_difference(y.numpy(), reference)
         results["layers"][name] = {"times_ms": times[best], "memory_format": best,
                                    "times_by_format_ms": times, "max_rel_diff": difference}
     return results

@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..models.pruning import prune_blob
+from ..patching.config import CONV_TEMPLATE_CONFIG
+from .measure import (AGREEMENT_TOLERANCE, checked_blas_runtime, lower_bound, probe_machine,
+                      relative_difference)
+
 # Layer shapes worth timing alone; res5 branch2b is ResNet-50's last 3x3 (SkimCaffe: 97.8-98.0%
 # zero weights).
 SHAPES = {
@@ -51,8 +56,7 @@ def synthetic_layer(caffe, shape: dict, weight_zeros: float, input_zeros: float,
     net = caffe.Net(path, caffe.TEST)
     rng = np.random.default_rng(seed)
     w = rng.standard_normal(net.params["conv"][0].data.shape).astype(np.float32)
-    cut = np.quantile(np.abs(w), weight_zeros)  # magnitude pruning
-    w[np.abs(w) <= cut] = 0.0
+    w = prune_blob(w, weight_zeros)
     net.params["conv"][0].data[...] = w
     x = rng.standard_normal(net.blobs["data"].data.shape).astype(np.float32)
     x[x < np.quantile(x, input_zeros)] = 0.0  # ReLU-like: the smallest values become zeros
@@ -97,11 +101,10 @@ def measure_all(caffe, net, candidates, warmup: int, repeats: int, dense_out):
             for phase, seconds in profile["seconds"].items():
                 phases[candidate].setdefault(phase, []).append(seconds * 1e3)
     results = []
-    scale = max(float(np.abs(dense_out).max()), 1e-30)
     for candidate in candidates:
         use(*candidate)
         net.forward()
-        diff = float(np.abs(net.blobs["conv"].data - dense_out).max()) / scale
+        diff = relative_difference(net.blobs["conv"].data, dense_out)
         results.append(Measurement(candidate[0], candidate[1], times[candidate],
                                    {k: statistics.median(v) for k, v in phases[candidate].items()},
                                    diff))
@@ -126,7 +129,6 @@ def main(argv=None) -> int:
 
     from ..errors import UserError
     from ..machine import machine_info
-    from .measure import checked_blas_runtime, lower_bound, probe_machine
     load_before = os.getloadavg()
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     caffe.set_mode_cpu()
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         candidates = [("dense", "openmp")]
         for backend in caffe.conv_sparse_backends():
             for path in [p for p in caffe.conv_forward_paths() if p != "dense"]:
-                if path in ("direct", "onednn") and backend != "openmp":
+                if path in CONV_TEMPLATE_CONFIG.backend_independent and backend != "openmp":
                     continue  # these ignore the sparse back end: timed once
                 candidates.append((path, backend))
         results, profile = measure_all(caffe, net, candidates, args.warmup, args.repeats,
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
     print(f"{'path':<15}{'backend':<9}{'median ms':>10}{'min ms':>9}{'vs dense':>10}"
           f"{'input prep':>11}{'prep %':>8}{'multiply':>10}{'t_min/t':>9}{'max rel diff':>14}")
     for r in results:
-        flag = "  <-- DIFFERS FROM DENSE" if r.max_rel_diff > 1e-4 else ""
+        flag = "  <-- DIFFERS FROM DENSE" if r.max_rel_diff > AGREEMENT_TOLERANCE else ""
         prep = r.phase_ms.get("input2csr", 0) + r.phase_ms.get("im2col", 0)
         print(f"{r.path:<15}{r.backend:<9}{r.median_ms:>10.3f}{min(r.forward_ms):>9.3f}"
               f"{dense_ms / r.median_ms:>9.2f}x{prep:>11.3f}{prep / r.median_ms:>8.0%}"
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
                                         limit_fraction=limit["t_min_ms"] / r.median_ms)
                                    for r in results]},
                       f, indent=2)
-    return 1 if any(r.max_rel_diff > 1e-4 for r in results) else 0
+    return 1 if any(r.max_rel_diff > AGREEMENT_TOLERANCE for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -25,10 +25,23 @@ import time
 import numpy as np
 
 from ..errors import UserError
+from ..files import atomic_write_json
+from ..models.net_layers import convolution_names, layers_of
+from ..terminal import say
 
 # A sparse path "agrees" with dense when every output of the layer is within this fraction of the
 # layer's largest dense output: float32 sums of up to ~5000 products, reordered, stay near 1e-6.
 AGREEMENT_TOLERANCE = 1e-4
+
+
+def relative_difference(got, reference):
+    """The largest difference from the reference, relative to the reference's largest value: the
+    measure of agreement everywhere (a path against dense, a framework against Caffe); arrays or
+    lists of same-shaped arrays."""
+    got = np.concatenate([np.ravel(a) for a in got]) if isinstance(got, list) else np.asarray(got)
+    reference = (np.concatenate([np.ravel(a) for a in reference]) if isinstance(reference, list)
+                 else np.asarray(reference))
+    return float(np.abs(got - reference).max() / max(float(np.abs(reference).max()), 1e-30))
 
 # A prepared run folder (bench_runner.export writes the first four; main writes the last two).
 SPEC_FILE = "spec.json"
@@ -40,10 +53,6 @@ ERROR_FILE = "raw.error"
 
 COUNTER_KEYS = ("calls", "input_elements", "input_nonzeros", "dense_macs", "useful_macs",
                 "inputs_handed_over")
-
-
-def say(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 def feed_count(spec, image_count):
@@ -190,7 +199,7 @@ def layer_shapes(net, names):
     return shapes
 
 
-def measure(caffe, net, layers, feeds, image_count, spec):
+def measure_paths(caffe, net, layers, feeds, image_count, spec):
     """Run spec["paths"] (dense first) over the convolution `layers` of `net`, fed `feeds`.
 
     First spec["warmup"] unmeasured forwards per path. Then spec["repeats"] rounds; each round
@@ -298,8 +307,7 @@ def measure(caffe, net, layers, feeds, image_count, spec):
             dense_inputs = {name: net.blobs[net.bottom_names[name][0]].data.copy()
                             for name in layers}
         results[path]["max_rel_diff"] = {
-            name: float(np.abs(outputs[name] - reference[name]).max() /
-                        max(float(np.abs(reference[name]).max()), 1e-30)) for name in layers}
+            name: relative_difference(outputs[name], reference[name]) for name in layers}
         predictions[path] = top1_of(net, feeds, image_count, batch, output_blob)
     caffe.clear_conv_forward_paths()
     if hasattr(caffe, "set_fc_forward_path"):
@@ -385,7 +393,7 @@ CLEAR_WIN = 0.95
 
 
 def layer_median_ms(results, path, name):
-    """A convolution's median time on `path` in measure()'s rounds: per profiled forward, the
+    """A convolution's median time on `path` in measure_paths()'s rounds: per profiled forward, the
     sum of its phase timers."""
     return statistics.median([sum(v) for v in zip(*results[path]["phases_ms"][name].values())])
 
@@ -445,7 +453,7 @@ def raw_result(caffe, net, layers, measured, weights, images, pytorch, blas):
     """The raw measurements as the host reads them (raw.json): the same from both routes."""
     return {"weights": weights, "images": images, "layers": layers, "pytorch": pytorch,
             "machine_probe": probe_machine(caffe),
-            "net_layers": [[name, layer.type] for name, layer in zip(net._layer_names, net.layers)],
+            "net_layers": [[name, layer.type] for name, layer in layers_of(net)],
             "blas_runtime": blas,
             "shapes": layer_shapes(net, layers), "paths": measured["paths"],
             "plan": measured.get("plan"),
@@ -477,8 +485,7 @@ def run_folder(folder, image_info=None):
         spec = json.load(f)
     net = caffe.Net(os.path.join(folder, DEPLOY_FILE), os.path.join(folder, WEIGHTS_FILE),
                     caffe.TEST)
-    convolutions = [name for name, layer in zip(net._layer_names, net.layers)
-                    if layer.type == "Convolution"]
+    convolutions = convolution_names(net)
     layers = spec["layer_names"]
     unknown = [name for name in layers if name not in convolutions]
     if unknown or not layers:
@@ -488,7 +495,7 @@ def run_folder(folder, image_info=None):
     feeds = batches(data, spec["batch"], feed_count(spec, len(data)))
     net.blobs["data"].data[...] = feeds[0]
     blas = checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
-    measured = measure(caffe, net, layers, feeds, len(data), spec)
+    measured = measure_paths(caffe, net, layers, feeds, len(data), spec)
     raw = raw_result(caffe, net, layers, measured, spec["weights_info"], spec["images_info"], None,
                      blas)
     raw["environment"] = environment()
@@ -510,10 +517,7 @@ def main(argv=None):
         with open(os.path.join(args.folder, ERROR_FILE), "w") as f:
             f.write(str(exc))
         return 2
-    partial = os.path.join(args.folder, "." + RAW_FILE + ".partial")
-    with open(partial, "w") as f:
-        json.dump(raw, f)
-    os.rename(partial, os.path.join(args.folder, RAW_FILE))
+    atomic_write_json(os.path.join(args.folder, RAW_FILE), raw)
     return 0
 
 

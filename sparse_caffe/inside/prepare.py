@@ -6,15 +6,17 @@ convolutions to time; and the one way such a child ends (report_to_parent).
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from ..files import atomic_path
+from ..terminal import say
 from ..models import images as images_stage
 from ..models import nets, synthetic, zoo
+from ..models.net_layers import convolution_names
 from ..models import weights as weights_stage
 
 
@@ -31,10 +33,9 @@ def open_nsfw_weights(cache: Path, pruned: bool) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         text, params = onnx_import.convert(batch=1)
         if pruned:
-            params = onnx_import.prune(params, onnx_import.skimcaffe_resnet50_profile(text))
-        partial = path.with_name(f".{path.name}.partial")
-        onnx_import.write_caffemodel(text, params, partial)
-        partial.rename(path)
+            params = onnx_import.prune_to_profile(params, onnx_import.skimcaffe_resnet50_profile(text))
+        with atomic_path(path) as partial:
+            onnx_import.write_caffemodel(text, params, partial)
     return {"kind": kind, "synthetic": False, "path": str(path),
             "sha256": weights_stage.file_sha256(path),
             "description": "Yahoo's open_nsfw (real trained weights, BSD-2; licence in "
@@ -95,10 +96,6 @@ def check_weights_fit(caffe, net, path: Path) -> None:
                             f"the net wants {want}")
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def build_net(caffe, spec: dict, caffe_source: Path, weights: dict, tmp: Path):
     text = zoo.deploy(spec["net"], spec["batch"], caffe_source)
     (tmp / "deploy.prototxt").write_text(text)
@@ -115,7 +112,7 @@ def build_net(caffe, spec: dict, caffe_source: Path, weights: dict, tmp: Path):
 
 def conv_layers(net, pattern: str | None) -> list[str]:
     import re
-    names = [name for name, layer in zip(net._layer_names, net.layers) if layer.type == "Convolution"]
+    names = convolution_names(net)
     if pattern:
         names = [n for n in names if re.search(pattern, n)]
         if not names:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..models import nets, zoo
+from ..models.net_layers import convolution_names
 from ..errors import UserError
 from ..models.images import ImageSet, batches, fed_counts
 from ..models.synthetic import cached_synthetic, caffe_source_of_pycaffe
@@ -68,27 +69,6 @@ class LayerRow:
         return cls(**values)
 
 
-def _pair(repeated, h_field: int, w_field: int, has_hw: bool, default: int) -> tuple[int, int]:
-    if has_hw:
-        return int(h_field), int(w_field)
-    values = list(repeated)
-    if not values:
-        return default, default
-    if len(values) == 1:
-        return int(values[0]), int(values[0])
-    return int(values[0]), int(values[1])
-
-
-def _geometry(layer) -> tuple[int, tuple[int, int], tuple[int, int]]:
-    """(group, stride, pad) of a Convolution layer's proto."""
-    param = layer.convolution_param
-    stride = _pair(param.stride, param.stride_h, param.stride_w,
-                   param.HasField("stride_h") or param.HasField("stride_w"), 1)
-    pad = _pair(param.pad, param.pad_h, param.pad_w,
-                param.HasField("pad_h") or param.HasField("pad_w"), 0)
-    return int(param.group), stride, pad
-
-
 def load_weights(net_name: str, weights_path: Path, batch: int, caffe_source: Path | None = None):
     """caffe.Net(deploy prototxt of `net_name` with `batch`, weights_path, caffe.TEST)."""
     caffe = nets._caffe()
@@ -110,7 +90,7 @@ def load_weights(net_name: str, weights_path: Path, batch: int, caffe_source: Pa
     return text, net
 
 
-def inspect(net_name: str, weights_path: Path, images: ImageSet, batch: int, *,
+def layer_rows(net_name: str, weights_path: Path, images: ImageSet, batch: int, *,
             caffe_source: Path | None = None) -> list[LayerRow]:
     """Per Convolution layer of `net_name` with `weights_path`, measured on `images` fed in
     batches of `batch` (see the module doc). Resets the process's convolution profile."""
@@ -120,8 +100,7 @@ def inspect(net_name: str, weights_path: Path, images: ImageSet, batch: int, *,
         raise UserError(f"the images were preprocessed for {images.net}, not {info.name}")
     text, net = load_weights(info.name, weights_path, batch, caffe_source)
     protos = {layer.name: layer for layer in nets.parse_net(text).layer}
-    convs = [name for name, layer in zip(net._layer_names, net.layers)
-             if layer.type == "Convolution"]
+    convs = convolution_names(net)
     was_on = caffe.conv_profiling()
     caffe.reset_conv_profile()
     caffe.set_conv_profiling(True)
@@ -140,7 +119,8 @@ def inspect(net_name: str, weights_path: Path, images: ImageSet, batch: int, *,
             raise RuntimeError(f"the convolution profile has no entry for {name}")
         weights = net.params[name][0].data
         num_output, per_group, kernel_h, kernel_w = weights.shape
-        group, stride, pad = _geometry(protos[name])
+        geometry = nets.conv_geometry(protos[name].convolution_param)
+        group, stride, pad = geometry["group"], geometry["stride"], geometry["pad"]
         bottom = net.blobs[net.bottom_names[name][0]].data.shape
         top = net.blobs[net.top_names[name][0]].data.shape
         calls = entry["calls"]
@@ -231,7 +211,7 @@ def format_table(rows: list[LayerRow]) -> str:
                      + [rule, render(lines[-1])])
 
 
-__all__ = ["LayerRow", "inspect", "load_weights", "weights_identity", "make_meta", "to_json",
+__all__ = ["LayerRow", "layer_rows", "load_weights", "weights_identity", "make_meta", "to_json",
            "from_json", "format_table", "REPORT_VERSION"]
 
 
@@ -261,7 +241,7 @@ def main(argv=None) -> int:
         if images_arg is not None:
             images_arg = int(images_arg) if images_arg.isdigit() else Path(images_arg)
         images = images_stage.load_images(args.net, images_arg)
-        rows = inspect(args.net, Path(chosen["path"]), images, args.batch, caffe_source=source)
+        rows = layer_rows(args.net, Path(chosen["path"]), images, args.batch, caffe_source=source)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,10 +15,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from . import measure, prepare
 from ..models import nets
+from ..models.net_layers import layers_of
 from ..models import images as images_stage
 
 TUNED_TYPES = ("Convolution", "InnerProduct")
@@ -27,7 +26,7 @@ TUNED_TYPES = ("Convolution", "InnerProduct")
 def layer_choices(caffe, net, measured: dict, spec: dict, fc_differences: dict) -> dict:
     """Each tuned layer's choice, in the shape caffe.auto_choices() gives: {layer: {"state",
     "path", "backend", "candidates": {path: median ms or None}, "pruned": {path: reason},
-    "input_density", "replans"}}. Today taken from measure()'s interleaved rounds: per
+    "input_density", "replans"}}. Today taken from measure_paths()'s interleaved rounds: per
     convolution, each path's median profiled time; per InnerProduct layer, its wall-clock time
     one layer at a time under dense's rounds (dense) and under every other path's (sparse).
     A path whose output differs from dense is pruned; dense stays unless the fastest other
@@ -64,7 +63,7 @@ def decide(candidates: dict, pruned: dict, backend, input_density) -> dict:
 
 def tuned_layers(net, layer_type: str | None = None) -> list[str]:
     types = (layer_type,) if layer_type else TUNED_TYPES
-    return [name for name, layer in zip(net._layer_names, net.layers) if layer.type in types]
+    return [name for name, _ in layers_of(net, types)]
 
 
 def layer_key(net, net_text: str) -> dict:
@@ -121,12 +120,8 @@ def fc_agreement(caffe, net, feed) -> dict:
         outputs[path] = {name: net.blobs[net.top_names[name][0]].data.copy()
                          for name in tuned_layers(net, "InnerProduct")}
     caffe.clear_fc_forward_paths()
-    return {name: relative_difference(outputs["sparse"][name], reference)
+    return {name: measure.relative_difference(outputs["sparse"][name], reference)
             for name, reference in outputs["dense"].items()}
-
-
-def relative_difference(got, reference) -> float:
-    return float(np.abs(got - reference).max() / max(float(np.abs(reference).max()), 1e-30))
 
 
 def check_deploy(caffe, prototxt: Path, weights: Path, feed, reference, choices: dict) -> float:
@@ -145,7 +140,7 @@ def check_deploy(caffe, prototxt: Path, weights: Path, feed, reference, choices:
         if profile[name]["path"] != choice["path"]:
             raise RuntimeError("the tuned prototxt runs {} on {}, the plan says {}".format(
                 name, profile[name]["path"], choice["path"]))
-    difference = relative_difference(net.blobs[net.outputs[-1]].data, reference)
+    difference = measure.relative_difference(net.blobs[net.outputs[-1]].data, reference)
     if difference > measure.AGREEMENT_TOLERANCE:
         raise RuntimeError("the tuned net's output differs from dense by {:.1e}".format(difference))
     return difference
@@ -167,7 +162,7 @@ def run(spec: dict, key_only: bool) -> dict:
     facts = key_facts(caffe, net, net_text, weights, blas)
     if key_only:
         return facts
-    measured = measure.measure(caffe, net, convolutions, feeds, images.count, spec)
+    measured = measure.measure_paths(caffe, net, convolutions, feeds, images.count, spec)
     choices = layer_choices(caffe, net, measured, spec, fc_agreement(caffe, net, feeds[0]))
     whole = whole_net(caffe, net, convolutions, feeds, images.count, spec, measured, choices)
     caffe.clear_conv_forward_paths()

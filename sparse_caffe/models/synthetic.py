@@ -8,7 +8,7 @@ fraction of zero weights per layer, and the fraction of zeros in each convolutio
 
 Weights. Every Convolution and InnerProduct gets seeded He-normal weights (N(0, 2 / fan_in), from
 numpy's default_rng([seed, the layer's index in the caffe.Net])), then per-layer magnitude
-pruning: exactly round(p x size) of the smallest magnitudes become zero, p from WEIGHT_SPARSITY
+pruning: exactly floor(p x size + 0.5) of the smallest magnitudes become zero (pruning.prune_blob), p from WEIGHT_SPARSITY
 (SkimCaffe's figures). Layers absent from that table are left unpruned: ResNet-50's conv1 and
 all its 1x1 convolutions (SkimCaffe's have 0.2-1.8% zeros; here 0%).
 
@@ -65,12 +65,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Callable, Mapping, Union
 
 import numpy as np
@@ -79,31 +77,16 @@ from . import nets, zoo
 from ..patching.config import cache_dir
 from ..errors import UserError
 from .images import ImageSet, load_images
-from ..files import file_sha256, folder_lock
+from .net_layers import layers_of
+from .pruning import SKIMCAFFE_SPARSITY_PERCENT, prune_blob
+from ..files import atomic_path, atomic_write_json, atomic_write_text, file_sha256, folder_lock
 
 # Bump when anything that changes the bytes of a synthetic model changes (initialisation, pruning,
 # calibration, the tables): it is part of the cache file's name.
 CODE_VERSION = 1
 
-# SkimCaffe's published per-layer weight sparsity (% of weights that are zero) of its pruned
-# CaffeNet (top-1 57.48%) and ResNet-50 (top-1 72.84%), the models weights.SKIMCAFFE fetches.
-# ResNet-50: only the sixteen 3x3 branch2b convolutions and fc1000 are pruned there; its conv1 and
-# 1x1 convolutions (0.2-1.8% zeros in SkimCaffe's model) are not listed, and stay unpruned here.
-WEIGHT_SPARSITY: Mapping[str, Mapping[str, float]] = MappingProxyType({
-    "caffenet": MappingProxyType({
-        "conv1": 0.2, "conv2": 85.65, "conv3": 93.1, "conv4": 91.81, "conv5": 88.49,
-        "fc6": 90.28, "fc7": 84.37, "fc8": 73.82,
-    }),
-    "resnet50": MappingProxyType({
-        "res2a_branch2b": 88.00, "res2b_branch2b": 83.97, "res2c_branch2b": 80.79,
-        "res3a_branch2b": 91.76, "res3b_branch2b": 91.91, "res3c_branch2b": 95.50,
-        "res3d_branch2b": 91.13,
-        "res4a_branch2b": 96.55, "res4b_branch2b": 97.47, "res4c_branch2b": 97.15,
-        "res4d_branch2b": 96.76, "res4e_branch2b": 96.84, "res4f_branch2b": 96.84,
-        "res5a_branch2b": 97.78, "res5b_branch2b": 98.03, "res5c_branch2b": 97.92,
-        "fc1000": 91.51,
-    }),
-})
+# SkimCaffe's per-layer weight sparsity (% zeros): the synthetic models are pruned to it.
+WEIGHT_SPARSITY = SKIMCAFFE_SPARSITY_PERCENT
 
 # Calibration runs all images in one batch; more than this would need gigabytes for ResNet-50.
 MAX_CALIBRATION_IMAGES = 32
@@ -222,7 +205,7 @@ def _layers(net_param, net=None) -> list[_Layer]:
     protos = {layer.name: layer for layer in net_param.layer}
     layers = [_Layer(i, name, layer.type, tuple(net.bottom_names[name]),
                      tuple(net.top_names[name]), protos.get(name))
-              for i, (name, layer) in enumerate(zip(net._layer_names, net.layers))]
+              for i, (name, layer) in enumerate(layers_of(net))]
     if {layer.name for layer in layers if layer.type != "Split"} != set(protos):
         raise RuntimeError("the net's layers differ from its prototxt's")
     return layers
@@ -397,17 +380,6 @@ def thresholds(values: np.ndarray, target: float) -> np.ndarray:
     return np.where(k == count, rows.max(axis=1) + 1.0, out)
 
 
-def prune(weights: np.ndarray, percent: float) -> np.ndarray:
-    """Zero exactly round(percent% x size) of the smallest magnitudes (a copy)."""
-    flat = weights.ravel().copy()
-    k = int(round(percent / 100.0 * flat.size))
-    if k >= flat.size:
-        flat[:] = 0
-    elif k > 0:
-        flat[np.argpartition(np.abs(flat), k - 1)[:k]] = 0
-    return flat.reshape(weights.shape)
-
-
 def he_normal(shape: tuple[int, ...], seed: int, index: int) -> np.ndarray:
     fan_in = int(np.prod(shape[1:]))
     rng = np.random.default_rng([seed, index])
@@ -515,8 +487,9 @@ def _build(folder: Path, stem: str, net_name: str, text: str, seed: int, profile
 
     model, prototxt, sidecar = (folder / f"{stem}{suffix}"
                                 for suffix in (".caffemodel", ".prototxt", ".json"))
-    _atomic_write(prototxt, lambda tmp: tmp.write_text(text))
-    _atomic_write(model, lambda tmp: net.save(str(tmp)))
+    atomic_write_text(prototxt, text)
+    with atomic_path(model) as tmp:
+        net.save(str(tmp))
     del net
     found = SyntheticModel(
         net=net_name, path=model, prototxt=prototxt, sha256=file_sha256(model), seed=seed,
@@ -524,8 +497,7 @@ def _build(folder: Path, stem: str, net_name: str, text: str, seed: int, profile
         target_input_zeros=target_inputs, input_zeros=input_zeros, weight_zeros_pct=weight_zeros,
         images=images.sources, images_sha256=images.sha256, code_version=CODE_VERSION,
         build_seconds=round(time.perf_counter() - started, 2))
-    _atomic_write(sidecar, lambda tmp: tmp.write_text(
-        json.dumps(found.to_json(), indent=2, sort_keys=True) + "\n"))
+    atomic_write_json(sidecar, found.to_json(), indent=2, sort_keys=True)
     return found
 
 
@@ -535,7 +507,7 @@ def _initialise(net, units: list[_Unit], table: Mapping[str, float], seed: int) 
         blobs = net.params[unit.layer.name]
         weights = he_normal(blobs[0].data.shape, seed, unit.layer.index)
         if unit.layer.name in table:
-            weights = prune(weights, table[unit.layer.name])
+            weights = prune_blob(weights, table[unit.layer.name] / 100.0)
         blobs[0].data[...] = weights
         if len(blobs) > 1:
             blobs[1].data[...] = 0
@@ -592,26 +564,18 @@ def _site_thresholds(net, site: Site, u: np.ndarray, targets: dict[str, float]) 
     return thresholds(values, targets[site.blob])
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def measured_sparsity(net) -> dict[str, float]:
     """Fraction of zeros of each Convolution / InnerProduct input blob of a net after a forward."""
     out = {}
-    for name, layer in zip(net._layer_names, net.layers):
-        if layer.type in PARAM_TYPES:
-            out[name] = _zeros(net.blobs[net.bottom_names[name][0]].data)
+    for name, _ in layers_of(net, PARAM_TYPES):
+        out[name] = _zeros(net.blobs[net.bottom_names[name][0]].data)
     return out
 
 
 __all__ = ["CODE_VERSION", "WEIGHT_SPARSITY", "DEFAULT_PROFILE", "DepthProfile", "Site",
            "SyntheticModel", "sites", "resolve_profile", "describe_profile", "max_pool",
-           "thresholds", "prune", "he_normal", "synthetic_model", "cached_synthetic",
+           "thresholds", "he_normal", "synthetic_model", "cached_synthetic",
            "synthetic_dir", "caffe_source_of_pycaffe", "measured_sparsity",
            "MAX_CALIBRATION_IMAGES"]

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from ..files import file_sha256, folder_lock
+from ..files import atomic_path, atomic_write_json, file_sha256, folder_lock
 
 SKIMCAFFE_COMMIT = "2f66b5a95329a478db3097849f2a6a74d74bb5eb"
 RAW_BASE_URL = f"https://raw.githubusercontent.com/IntelLabs/SkimCaffe/{SKIMCAFFE_COMMIT}"
@@ -206,8 +206,7 @@ def _place_plain(entry: PrunedWeights, file: Path, folder: Path) -> Path:
     if found:
         return found
     dest = folder / entry.file_name
-    tmp = folder / f"{entry.file_name}.tmp"
-    try:
+    with atomic_path(dest) as tmp:
         digest = hashlib.sha256()
         with open(file, "rb") as src, open(tmp, "wb") as out:
             for block in iter(lambda: src.read(CHUNK), b""):
@@ -215,9 +214,6 @@ def _place_plain(entry: PrunedWeights, file: Path, folder: Path) -> Path:
                 out.write(block)
         if digest.hexdigest() != record["sha256"]:
             raise UserError(f"--weights {file} changed while it was being copied; try again")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -260,8 +256,7 @@ def _reason(reason: object) -> str:
 def _install(entry: PrunedWeights, bz2_file: Path, folder: Path, *, source: str) -> Path:
     """Decompress a blob-verified .bz2 to a temporary name, then rename it and write the sidecar."""
     dest = folder / entry.file_name
-    tmp = folder / f"{entry.file_name}.tmp"
-    try:
+    with atomic_path(dest) as tmp:
         digest = hashlib.sha256()
         try:
             with bz2.open(bz2_file, "rb") as src, open(tmp, "wb") as out:
@@ -271,15 +266,12 @@ def _install(entry: PrunedWeights, bz2_file: Path, folder: Path, *, source: str)
         except (OSError, EOFError, ValueError) as exc:
             raise UserError(f"{source}: not a complete bzip2 file ({exc}); nothing was kept; "
                             f"download it again from {entry.url()}") from None
-        _sidecar(folder, entry).unlink(missing_ok=True)
-        os.replace(tmp, dest)
-        _write_json(_sidecar(folder, entry), {
-            "net": entry.net, "path": entry.path, "skimcaffe_commit": SKIMCAFFE_COMMIT,
-            "blob_id": entry.blob_id, "sha256": digest.hexdigest(), "size": dest.stat().st_size,
-            "source": source,
-        })
-    finally:
-        tmp.unlink(missing_ok=True)
+        _sidecar(folder, entry).unlink(missing_ok=True)  # before the new file is in place
+    atomic_write_json(_sidecar(folder, entry), {
+        "net": entry.net, "path": entry.path, "skimcaffe_commit": SKIMCAFFE_COMMIT,
+        "blob_id": entry.blob_id, "sha256": digest.hexdigest(), "size": dest.stat().st_size,
+        "source": source,
+    }, indent=2, sort_keys=True)
     return dest
 
 
@@ -310,13 +302,6 @@ def _verified(entry: PrunedWeights, folder: Path) -> Path | None:
     return dest
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _is_bzip2(path: Path) -> bool:

@@ -21,7 +21,8 @@ from pathlib import Path
 from . import cache, render
 from .config import PROJECT_ROOT, BuildOptions, cache_dir
 from ..errors import UserError
-from ..shell import run_logged, say, step
+from ..shell import run_logged, step
+from ..terminal import say
 from .source import SourceTree, ensure_source
 
 # Bump when the recipe below changes in a way the key would not otherwise see.

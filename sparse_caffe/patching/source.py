@@ -27,8 +27,9 @@ from pathlib import Path
 from . import cache
 from .config import CAFFE, CaffePin, user_path
 from ..errors import UserError
-from ..files import file_sha256
-from ..shell import run_logged, say
+from ..files import atomic_path, file_sha256
+from ..shell import run_logged
+from ..terminal import say
 
 APT_SOURCES_FILES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -266,13 +267,11 @@ def _download_github(pin: CaffePin, dest: Path, timeout: float = 20.0) -> Path:
     target = dest / f"caffe-{pin.commit}.tar.gz"
     if target.is_file():
         return target
-    partial = target.with_suffix(".part")
     try:
-        with urllib.request.urlopen(pin.github_tarball_url, timeout=timeout) as response, \
+        with atomic_path(target) as partial, \
+                urllib.request.urlopen(pin.github_tarball_url, timeout=timeout) as response, \
                 open(partial, "wb") as out:
             shutil.copyfileobj(response, out)
     except (urllib.error.URLError, OSError) as exc:
-        partial.unlink(missing_ok=True)
         raise UserError(f"cannot download {pin.github_tarball_url}: {exc}") from None
-    os.replace(partial, target)
     return target
