@@ -27,6 +27,7 @@ from ..models import memory, nets
 from ..patching import render
 from . import run as run_stage
 from ..patching.build import Build
+from ..patching.requirements import requirement
 from ..patching.config import (CAFFE, CONV_TEMPLATE_CONFIG, PROJECT_ROOT, BuildOptions, cache_dir,
                                results_dir, user_path, writable_folder)
 from ..errors import UserError
@@ -148,7 +149,7 @@ def software_info(build: Build) -> dict:
             "python": inputs["python"], "build": str(build.root)}
 
 
-TORCH_REQUIREMENT = "torch==2.13.0"  # CPU build; the side-by-side baseline only
+TORCH_REQUIREMENT = requirement("pytorch", "torch")  # CPU build; the side-by-side baseline only
 
 
 def ensure_torch() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from . import cache, render
 from .config import PROJECT_ROOT, BuildOptions, cache_dir
 from ..errors import UserError
+from .requirements import requirement
 from ..shell import run_logged, step
 from ..terminal import say
 from .source import SourceTree, ensure_source
@@ -38,7 +39,7 @@ APT_PACKAGES = (
     # Not linked: the test that bench refuses a BLAS threading with pthreads preloads it.
     "libopenblas0-pthread",
 )
-MKL_REQUIREMENT = "mkl-devel==2026.2.0"
+MKL_REQUIREMENT = requirement("mkl", "mkl-devel")
 # Debian's OpenMP build of OpenBLAS (libopenblas-openmp-dev): one thread pool with Caffe's libgomp.
 OPENBLAS_OPENMP_INCLUDE = "/usr/include/x86_64-linux-gnu/openblas-openmp"
 OPENBLAS_OPENMP_LIB = "/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so"
@@ -307,18 +308,6 @@ def build(options: BuildOptions, caffe_source: str | None = None) -> Build:
     prune_old_builds(options.blas, keep=root)
     say(f"built in {time.monotonic() - started:.0f} s: {root}")
     return result
-
-
-def locate(options: BuildOptions, caffe_source: str | None = None) -> Build:
-    """The finished build for these options and this checkout's patches, or a clear error."""
-    source = ensure_source(caffe_source)
-    inputs = build_inputs(source, options, python_facts())
-    key = build_key(inputs)
-    root = build_dir(options, key)
-    if not (root / "complete.json").is_file():
-        raise UserError(f"no finished {options.blas} build for this checkout; run ./inv build "
-                        f"--blas {options.blas}")
-    return Build(root=root, key=key, inputs=inputs)
 
 
 def built_by(folder: Path) -> str | None:
