@@ -191,8 +191,8 @@ def measure_in_docker(build: Build, image: docker_route.Image, partial: Path,
     partial/raw.json as a native run does and returns the software record."""
     folder = partial / "docker-run"
     folder.mkdir()
-    result = run_stage.pycaffe(build, "inside.bench_runner", ["--export", str(partial / "spec.json"),
-                                                       str(folder)], threads)
+    result = run_stage.pycaffe(build, "inside.bench_runner",
+                               ["--export", str(partial / "spec.json"), str(folder)], threads)
     run_stage.raise_for(result, "preparing the run for the container",
                         folder.with_suffix(".error"))
     docker_route.run_measurement(image, folder, threads)
@@ -298,8 +298,9 @@ def run_benchmark(build: Build, options: BenchOptions,
         (partial / "spec.json").write_text(json.dumps(spec))
         # Progress goes straight to the terminal; errors come back as one line.
         if image is None:
-            result = run_stage.pycaffe(build, "inside.bench_runner", [str(partial / "spec.json"),
-                                                               str(partial / "raw.json")], threads)
+            result = run_stage.pycaffe(build, "inside.bench_runner",
+                                       [str(partial / "spec.json"), str(partial / "raw.json")],
+                                       threads)
             run_stage.raise_for(result, "the benchmark process", partial / "raw.error")
             software = software_info(build)
         else:

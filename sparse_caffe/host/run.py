@@ -166,8 +166,8 @@ def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], f
         weights = "synthetic"  # its weights are always the probe's seeded synthetic ones
     spec = {"net": net, "weights": weights, "batch": batch, "images": None, "layers": layers,
             "transform": "fold", "cache_dir": str(cache_dir())}
-    measured = {path: pycaffe_json(build, "inside.rss_probe", spec, ["--path", path, "--forwards",
-                                                            str(forwards)], threads,
+    measured = {path: pycaffe_json(build, "inside.rss_probe", spec,
+                                   ["--path", path, "--forwards", str(forwards)], threads,
                                    f"the memory probe on {path}") for path in paths}
     dense = measured[paths[0]]["after_forwards"]["peak_mib"]
     for entry in measured.values():

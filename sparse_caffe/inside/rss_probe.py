@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import prepare
 from ..models import images as images_stage
+from ..models.pruning import prune_blob
 from ..errors import UserError
 
 # The memory task's own net: small and synthetic, so that 10,000 forwards per path take minutes.
@@ -74,8 +75,7 @@ def small_net(batch: int, seed: int = 0):
         net = caffe.Net(prototxt.name, caffe.TEST)
     rng = np.random.default_rng(seed)
     for name, params in net.params.items():
-        w = rng.standard_normal(params[0].data.shape).astype(np.float32)
-        w[np.abs(w) <= np.quantile(np.abs(w), 0.8)] = 0.0  # magnitude-pruned to 80% zeros
+        w = prune_blob(rng.standard_normal(params[0].data.shape).astype(np.float32), 0.8)
         params[0].data[...] = w * 0.1
         params[1].data[...] = rng.standard_normal(params[1].data.shape) * 0.01
     feeds = []

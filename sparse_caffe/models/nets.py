@@ -360,14 +360,18 @@ def _folded(conv, bn, scale, weights) -> list[np.ndarray]:
     return [new_w, new_b]
 
 
+def hw_pair(values, h: int, w: int, default: int) -> tuple[int, int]:
+    """Caffe's (h, w) of a spatial setting: the _h/_w fields when set, else the repeated field
+    (one value for both, or one per axis), else the default."""
+    if h or w:
+        return (int(h), int(w))
+    values = list(values) or [default]
+    return (int(values[0]), int(values[-1]))
+
+
 def conv_geometry(c) -> dict:
-    """A 2-D convolution_param's stride, pad and dilation as (h, w) pairs, with Caffe's defaults
-    (one value for both sides, or the _h/_w fields), and its group."""
-    def pair(values, h, w, default):
-        if h or w:
-            return (h, w)
-        values = list(values) or [default]
-        return (values[0], values[-1])
-    return {"stride": pair(c.stride, c.stride_h, c.stride_w, 1),
-            "pad": pair(c.pad, c.pad_h, c.pad_w, 0),
-            "dilation": pair(c.dilation, 0, 0, 1), "group": c.group}
+    """A 2-D convolution_param's stride, pad and dilation as (h, w) pairs (hw_pair), and its
+    group."""
+    return {"stride": hw_pair(c.stride, c.stride_h, c.stride_w, 1),
+            "pad": hw_pair(c.pad, c.pad_h, c.pad_w, 0),
+            "dilation": hw_pair(c.dilation, 0, 0, 1), "group": int(c.group)}

@@ -17,18 +17,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UserError
+from .nets import hw_pair
 
 SUPPORTED = ("Input", "Convolution", "ReLU", "Pooling", "Eltwise", "InnerProduct", "LRN",
              "Softmax", "Dropout", "Concat", "Flatten", "Reshape", "BatchNorm", "Scale")
-
-
-def _pair(values, h: int, w: int, default: int) -> tuple[int, int]:
-    """Caffe's (h, w) of a spatial setting: the _h/_w fields when set, else the repeated field
-    (one value for both, or one per axis), else the default."""
-    if h or w:
-        return (int(h), int(w))
-    values = list(values) or [default]
-    return (int(values[0]), int(values[-1]))
 
 
 def build(net_text: str, net, caffe_pb2):
@@ -329,8 +321,8 @@ def _layer_module(layer, blobs, shapes):
         if blobs[0].dim() != 4 or p.axis != 1:
             raise _unsupported(layer, "only 2-D convolutions over axis 1")
         module = c["Conv"](blobs[0], blobs[1].reshape(-1) if len(blobs) == 2 else None,
-                           _pair(p.stride, p.stride_h, p.stride_w, 1),
-                           _pair(p.pad, p.pad_h, p.pad_w, 0), _pair(p.dilation, 0, 0, 1),
+                           hw_pair(p.stride, p.stride_h, p.stride_w, 1),
+                           hw_pair(p.pad, p.pad_h, p.pad_w, 0), hw_pair(p.dilation, 0, 0, 1),
                            int(p.group), bool(getattr(p, "fused_relu", False)))
     elif kind == "ReLU":
         module = c["ReLU"](float(layer.relu_param.negative_slope))
@@ -412,9 +404,10 @@ def _pooling(layer, c, shape):
         raise _unsupported(layer, "STOCHASTIC pooling")
     if p.global_pooling:
         return c["GlobalPool"](method)
-    kernel = _pair([p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h, p.kernel_w, 0)
-    stride = _pair([p.stride], p.stride_h, p.stride_w, 1)
-    pad = _pair([p.pad], p.pad_h, p.pad_w, 0)
+    kernel = hw_pair([p.kernel_size] if p.HasField("kernel_size") else [], p.kernel_h, p.kernel_w,
+                     0)
+    stride = hw_pair([p.stride], p.stride_h, p.stride_w, 1)
+    pad = hw_pair([p.pad], p.pad_h, p.pad_w, 0)
     # Caffe rounds the output size up (CEIL, its default) unless round_mode is FLOOR; PyTorch's
     # ceil_mode drops a last window that would start in the padding, as Caffe does when padded
     # (check_shapes catches the unpadded corner case where they differ).
