@@ -1,7 +1,6 @@
 """Tasks: a table of contents over the sparse_caffe package. Run them through ./inv (see README.md)."""
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import sys
@@ -12,17 +11,17 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from sparse_caffe import bench as bench_stage
-from sparse_caffe import build as build_stage
-from sparse_caffe import cache as cache_stage
-from sparse_caffe import docker_route
-from sparse_caffe import render as render_stage
-from sparse_caffe import report as report_stage
-from sparse_caffe import run as run_stage
-from sparse_caffe import source as source_stage
-from sparse_caffe import tune as tune_stage
-from sparse_caffe import weights as weights_stage
-from sparse_caffe.config import BuildOptions, PROJECT_ROOT, cache_dir, user_path
+from sparse_caffe.host import bench as bench_stage
+from sparse_caffe.patching import build as build_stage
+from sparse_caffe.patching import cache as cache_stage
+from sparse_caffe.host import docker_route
+from sparse_caffe.patching import render as render_stage
+from sparse_caffe.host import report as report_stage
+from sparse_caffe.host import run as run_stage
+from sparse_caffe.patching import source as source_stage
+from sparse_caffe.host import tune as tune_stage
+from sparse_caffe.models import weights as weights_stage
+from sparse_caffe.patching.config import BuildOptions, PROJECT_ROOT, cache_dir, user_path
 from sparse_caffe.errors import UserError
 
 SOURCE_HELP = "local Caffe source: Debian's .dsc or orig tarball, GitHub's tarball, or a folder"
@@ -109,7 +108,8 @@ def test(c, blas="openblas", caffe_source=None, k=None, unit=False):
         env["SPARSE_CAFFE_BUILD"] = str(result.root)
         paths.append("caffe_tests")
     args = [sys.executable, "-m", "pytest", *paths] + (["-k", k] if k else [])
-    c.run(shlex.join(args), env=env, pty=False, echo=True)  # -k "a or b" reaches pytest whole
+    with c.cd(str(PROJECT_ROOT)):  # the repository's pytest configuration, wherever invoke ran
+        c.run(shlex.join(args), env=env, pty=False, echo=True)  # -k "a or b" reaches pytest whole
 
 
 @task(help={"net": "caffenet or resnet50 (resnet50-dense is the unpruned starting model)",
@@ -147,13 +147,13 @@ def weights_progress():
 @user_errors
 def inspect(c, net, weights="auto", images=None, batch=1, blas="openblas", json=None):
     """Per-layer sparsity report: shapes, weight and measured input sparsity, dense/useful MACs."""
-    from sparse_caffe import nets
+    from sparse_caffe.models import nets
     nets.net_info(net)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
-    target = run_stage.inspect_target(net, json)
+    target = run_stage.sparsity_report_target(net, json)
     result = build_stage.build(BuildOptions(blas=blas))
-    print(run_stage.inspect(result, net, bench_stage.user_weights(weights),
+    print(run_stage.sparsity_report(result, net, bench_stage.user_weights(weights),
                             bench_stage.user_images(images), batch, target))
 
 
@@ -204,8 +204,8 @@ def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="op
         repeats=repeats, warmup=warmup, layers=layers, transform=transform, fc_path=fc_path,
         pytorch=pytorch)
     bench_stage.results_folder()  # writable, before anything is built
-    if backend == "mkl" and blas != "mkl":
-        raise UserError("--backend mkl needs an MKL build: add --blas mkl")
+    if not docker:
+        bench_stage.check_backend_blas(backend, blas)
     # With --docker: the image first (no engine, no image: one line, nothing built); the native
     # build then only prepares the run, so its BLAS does not matter.
     image = bench_stage.docker_image(options, BuildOptions(blas=blas)) if docker else None
@@ -331,4 +331,3 @@ def clean(c, all=False):
 namespace = Collection(fetch, render, build, test, fetch_weights, inspect, bench, report,
                        compare, bench_layer, check_baseline, memory, tune, caffe_tool, clean)
 namespace.configure({"run": {"echo": True}})
-os.chdir(PROJECT_ROOT)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from sparse_caffe.config import CONV_TEMPLATE_CONFIG
+from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG
 
 from .test_conv_reference import conv_spec, random_input, reference_conv
 from .test_forward_paths import auto_outputs, paths, sparse_weights  # noqa: F401 - a fixture

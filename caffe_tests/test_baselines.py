@@ -1,4 +1,4 @@
-"""The whole-net baselines: the Caffe net rebuilt in PyTorch (sparse_caffe.torch_net) and exported
+"""The whole-net baselines: the Caffe net rebuilt in PyTorch (sparse_caffe.models.torch_net) and exported
 to ONNX Runtime must compute what Caffe's dense forward computes, layer type by layer type, on a
 small net that has every supported type, and on CaffeNet and ResNet-50 (synthetic weights)."""
 from __future__ import annotations
@@ -6,9 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparse_caffe import baselines, bench_runner, measure, torch_net
-from sparse_caffe import images as images_stage
-from sparse_caffe.config import cache_dir
+from sparse_caffe.inside import baselines
+from sparse_caffe.inside import bench_runner
+from sparse_caffe.inside import measure
+from sparse_caffe.models import torch_net
+from sparse_caffe.models import images as images_stage
+from sparse_caffe.patching.config import cache_dir
 from sparse_caffe.errors import UserError
 
 torch = pytest.importorskip("torch", reason="torch is installed on demand by ./inv bench "

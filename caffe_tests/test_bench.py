@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparse_caffe.config import CONV_TEMPLATE_CONFIG, PROJECT_ROOT
+from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG, PROJECT_ROOT
 
 ARGS = ["--net", "caffenet", "--weights", "synthetic", "--layers", "conv[35]", "--repeats", "2",
         "--warmup", "0", "--images", "2", "--threads", "1"]
@@ -120,8 +120,8 @@ def test_every_number_is_derived_from_measurements(run_dir, caffe):
         assert layer["dense_macs_per_image"] == out_c * in_per_group * kh * kw * np.prod(layer["output"][1:])
         assert 0 < layer["useful_macs_per_image"] < layer["dense_macs_per_image"]
     # weight sparsity equals that of the weights file itself
-    from sparse_caffe import nets
-    net = nets.load_net(nets.deploy("caffenet", 1, Path(caffe.__file__).resolve().parents[2]))
+    from sparse_caffe.models import nets, zoo
+    net = nets.load_net(zoo.deploy("caffenet", 1, Path(caffe.__file__).resolve().parents[2]))
     net.copy_from(r["weights"]["path"])
     for layer in r["layers"]:
         w = net.params[layer["name"]][0].data

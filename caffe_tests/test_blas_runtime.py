@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_caffe import measure
+from sparse_caffe.inside import measure
 from sparse_caffe.errors import UserError
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sparse_caffe.build import GTEST_SUITES, Build
-from sparse_caffe.run import run_gtests
+from sparse_caffe.patching.build import GTEST_SUITES, Build
+from sparse_caffe.host.run import run_gtests
 
 GTEST_FILTER = "-*GPU*"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_caffe.config import PROJECT_ROOT
+from sparse_caffe.patching.config import PROJECT_ROOT
 
 SMALL_RUN = ["--net", "caffenet", "--weights", "synthetic", "--images", "1", "--threads", "1"]
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sparse_caffe.config import CONV_TEMPLATE_CONFIG, PROJECT_ROOT
+from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG, PROJECT_ROOT
 
 
 def test_memory_per_path_in_fresh_processes(tmp_path):

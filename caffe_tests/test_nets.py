@@ -17,7 +17,7 @@ import collections
 import numpy as np
 import pytest
 
-from sparse_caffe import nets
+from sparse_caffe.models import nets, zoo
 from sparse_caffe.errors import UserError
 
 RESNET_BLOCKS = [f"{stage}{letter}" for stage, count in ((2, 3), (3, 4), (4, 6), (5, 3))
@@ -94,7 +94,7 @@ def caffe_source(caffe_python_path):
 
 
 def test_caffenet_from_caffes_tree(caffe, caffe_source):
-    text = nets.deploy("caffenet", 3, caffe_source)
+    text = zoo.deploy("caffenet", 3, caffe_source)
     assert text == nets.caffenet_deploy(caffe_source, 3)
     net = nets.load_net(text)
     names = list(net._layer_names)

@@ -19,7 +19,7 @@ import pytest
 import skimage.data
 from onnx import TensorProto, helper, numpy_helper
 
-from sparse_caffe import onnx_import
+from sparse_caffe.models import onnx_import, pruning
 from sparse_caffe.errors import UserError
 
 from .conftest import write_net
@@ -92,7 +92,7 @@ def test_preprocessing_is_the_package_s(photos):
 
 
 def test_converted_open_nsfw_has_resnet_layout(conversion):
-    from sparse_caffe.nets import parse_net
+    from sparse_caffe.models.nets import parse_net
     layers = parse_net(conversion.prototxt).layer
     kinds = {}
     for layer in layers:
@@ -165,7 +165,7 @@ def test_prune_exact_fractions_and_largest_magnitudes_kept(conversion):
     weights = conversion.weights
     before = {name: [b.copy() for b in blobs] for name, blobs in weights.items()}
     profile = onnx_import.skimcaffe_resnet50_profile(conversion.prototxt)
-    pruned = onnx_import.prune(weights, profile)
+    pruned = onnx_import.prune_to_profile(weights, profile)
     assert set(pruned) == set(weights)
     for name, blobs in weights.items():  # the input is not modified
         for blob, old in zip(blobs, before[name]):
@@ -178,7 +178,7 @@ def test_prune_exact_fractions_and_largest_magnitudes_kept(conversion):
             continue
         w, old = blobs[0], original[0]
         zeros = int(np.count_nonzero(w == 0))
-        assert zeros == onnx_import.zero_count(w.size, profile[name])
+        assert zeros == pruning.zero_count(w.size, profile[name])
         assert abs(zeros / w.size - profile[name]) <= 0.5 / w.size + 1e-12
         kept = w != 0
         np.testing.assert_array_equal(w[kept], old[kept])
@@ -195,18 +195,18 @@ def test_prune_patterns_rounding_and_mistakes():
     weights = {"a_conv": [rng.standard_normal((4, 5)).astype(np.float32), np.ones(4, np.float32)],
                "b_conv": [rng.standard_normal(7).astype(np.float32)],
                "fc": [np.array([3.0, -1.0, 0.0, 2.0, -1.0], np.float32)]}
-    pruned = onnx_import.prune(weights, {"*_conv": 0.5, "b_conv": 0.3, "fc": 0.5})
+    pruned = onnx_import.prune_to_profile(weights, {"*_conv": 0.5, "b_conv": 0.3, "fc": 0.5})
     assert np.count_nonzero(pruned["a_conv"][0] == 0) == 10
     assert np.count_nonzero(pruned["b_conv"][0] == 0) == 2      # exact name wins; 2.1 -> 2
     # 2.5 rounds up to 3; equal magnitudes go by position (the earlier -1 first).
     np.testing.assert_array_equal(pruned["fc"][0], [3.0, 0.0, 0.0, 2.0, 0.0])
-    assert onnx_import.zero_count(100, 0.005) == 1 and onnx_import.zero_count(100, 0.0049) == 0
+    assert pruning.zero_count(100, 0.005) == 1 and pruning.zero_count(100, 0.0049) == 0
     with pytest.raises(UserError, match="'res9a' names no layer"):
-        onnx_import.prune(weights, {"res9a": 0.5})
+        onnx_import.prune_to_profile(weights, {"res9a": 0.5})
     with pytest.raises(UserError, match=r"in 0\.\.1"):
-        onnx_import.prune(weights, {"fc": 91.51})
+        onnx_import.prune_to_profile(weights, {"fc": 91.51})
     with pytest.raises(UserError, match="name it exactly"):
-        onnx_import.prune(weights, {"a_*": 0.5, "*_conv": 0.6})
+        onnx_import.prune_to_profile(weights, {"a_*": 0.5, "*_conv": 0.6})
 
 
 def test_profile_by_position_without_resnet_names(caffe, conversion):
@@ -229,7 +229,7 @@ def test_load_prunes(caffe):
     assert net.blobs["data"].data.shape == (1, 3, 224, 224)
     assert np.count_nonzero(net.params["fc"][0].data == 0) == 1024
     w = net.params["res5c_branch2b"][0].data
-    assert np.count_nonzero(w == 0) == onnx_import.zero_count(w.size, 0.9)
+    assert np.count_nonzero(w == 0) == pruning.zero_count(w.size, 0.9)
 
 
 # ----------------------------------------------------------------------------- small graphs

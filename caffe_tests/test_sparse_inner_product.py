@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from .test_caffe_gtests import _build
-from sparse_caffe.run import run_gtests
+from sparse_caffe.host.run import run_gtests
 
 SPARSITY = [0.0, 0.5, 0.9, 0.99, 1.0]
 

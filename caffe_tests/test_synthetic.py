@@ -20,7 +20,10 @@ import shutil
 import numpy as np
 import pytest
 
-from sparse_caffe import images, inspect, nets, synthetic
+from sparse_caffe.models import images
+from sparse_caffe.inside import sparsity
+from sparse_caffe.models import nets
+from sparse_caffe.models import pruning, synthetic
 from sparse_caffe.errors import UserError
 
 INPUT_TOLERANCE = 0.0025  # fraction of zeros (0.25 percentage points)
@@ -136,7 +139,7 @@ def test_weight_sparsity_is_skimcaffes_table(caffe, models, net):
 
 def test_pruning_is_exact_and_by_magnitude():
     weights = synthetic.he_normal((64, 32, 3, 3), seed=3, index=1)
-    pruned = synthetic.prune(weights, 97.47)
+    pruned = pruning.prune_blob(weights, 0.9747)
     assert int((pruned == 0).sum()) == round(0.9747 * weights.size)
     kept = np.abs(weights[pruned != 0])
     assert kept.min() >= np.abs(weights[pruned == 0]).max()
@@ -234,7 +237,7 @@ def test_descriptor_says_synthetic_everywhere(models, cache_root):
         assert f"seed{model.seed}" in model.path.name
         sidecar = json.loads(model.path.with_suffix(".json").read_text())
         assert sidecar["synthetic"] is True and sidecar["sha256"] == model.sha256
-        assert inspect.weights_identity(model.path)["kind"] == "synthetic"
+        assert sparsity.weights_identity(model.path)["kind"] == "synthetic"
         assert model.images == tuple(f"skimage:{n}" for n in images.SHIPPED_PHOTOS)
         print(f"{net}: built in {model.build_seconds} s")
 
@@ -264,7 +267,7 @@ def test_same_seed_same_bytes_other_seed_other_file_damage_rebuilt(
     with open(twin.path, "ab") as f:
         f.write(b"\0")
     assert synthetic.cached_synthetic(twin.path) is None
-    assert inspect.weights_identity(twin.path)["kind"] == "unverified"
+    assert sparsity.weights_identity(twin.path)["kind"] == "unverified"
     assert synthetic.synthetic_model("caffenet", tmp_path / "a", **build).sha256 == model.sha256
     other = synthetic.synthetic_model("caffenet", tmp_path / "a", seed=1, **build)
     assert other.path != model.path and other.sha256 != model.sha256
@@ -289,7 +292,7 @@ def test_profiles_resolve_apart_and_images_must_fit_the_net(caffe, caffe_source,
 def test_inspect_synthetic_caffenet(caffe, models, calibration_images, caffe_source, tmp_path):
     model = models["caffenet"]
     imageset = calibration_images["caffenet"]
-    rows = inspect.inspect("caffenet", model.path, imageset, 3, caffe_source=caffe_source)
+    rows = sparsity.layer_rows("caffenet", model.path, imageset, 3, caffe_source=caffe_source)
     assert [row.name for row in rows] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
     conv2 = rows[1]
     assert (conv2.num_output, conv2.channels_per_group, conv2.kernel_h, conv2.kernel_w,
@@ -310,28 +313,28 @@ def test_inspect_synthetic_caffenet(caffe, models, calibration_images, caffe_sou
     # weights 85.65% zero and inputs ~26% zero: far less useful work than dense
     assert rows[1].useful_macs < 0.2 * rows[1].dense_macs
 
-    meta = inspect.make_meta("caffenet", model.path, imageset, 3)
+    meta = sparsity.make_meta("caffenet", model.path, imageset, 3)
     assert meta["weights"]["synthetic"] is True and meta["weights"]["sha256"] == model.sha256
     assert meta["images"]["sha256"] == imageset.sha256 and meta["images"]["fed"] == [1] * 6
-    data = inspect.to_json(rows, meta)
+    data = sparsity.to_json(rows, meta)
     text = json.dumps(data)
-    back_rows, back_meta = inspect.from_json(json.loads(text))
+    back_rows, back_meta = sparsity.from_json(json.loads(text))
     assert back_rows == rows and back_meta == meta
     assert data["totals"]["useful_macs"] <= data["totals"]["dense_macs"]
 
-    table = inspect.format_table(rows)
+    table = sparsity.format_table(rows)
     assert all(row.name in table for row in rows) and table.splitlines()[-1].startswith("total")
 
     # a copy of the same bytes has no sidecar: the report does not guess what it is
     stranger = tmp_path / "copy.caffemodel"
     shutil.copyfile(model.path, stranger)
-    assert inspect.weights_identity(stranger) == {"path": str(stranger.resolve()),
+    assert sparsity.weights_identity(stranger) == {"path": str(stranger.resolve()),
                                                   "sha256": model.sha256, "kind": "unverified",
                                                   "synthetic": None}
 
 
 def test_inspect_resnet_counts_every_convolution(caffe, models, calibration_images, caffe_source):
-    rows = inspect.inspect("resnet50", models["resnet50"].path, calibration_images["resnet50"], 6,
+    rows = sparsity.layer_rows("resnet50", models["resnet50"].path, calibration_images["resnet50"], 6,
                            caffe_source=caffe_source)
     assert len(rows) == 53
     by_name = {row.name: row for row in rows}
@@ -344,9 +347,9 @@ def test_inspect_resnet_counts_every_convolution(caffe, models, calibration_imag
 
 def test_inspect_refuses_missing_weights_and_other_nets_images(caffe, calibration_images, tmp_path):
     with pytest.raises(UserError, match="no such file"):
-        inspect.inspect("caffenet", tmp_path / "none.caffemodel", calibration_images["caffenet"], 1)
+        sparsity.layer_rows("caffenet", tmp_path / "none.caffemodel", calibration_images["caffenet"], 1)
     with pytest.raises(UserError, match="preprocessed for resnet50, not caffenet"):
-        inspect.inspect("caffenet", tmp_path / "none.caffemodel", calibration_images["resnet50"], 1)
+        sparsity.layer_rows("caffenet", tmp_path / "none.caffemodel", calibration_images["resnet50"], 1)
 
 
 def test_default_caffe_source_is_the_builds_tree(caffe, caffe_source):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from caffe_tests.test_cli_bench import assert_one_error_line, inv
-from sparse_caffe.build import Build
+from sparse_caffe.patching.build import Build
 
 TUNE_RUN = ["--net", "caffenet", "--weights", "synthetic", "--images", "1", "--threads", "1",
             "--repeats", "2", "--warmup", "1"]
@@ -172,14 +172,14 @@ def tune_runners(session: int) -> dict[int, str]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):
             continue
-        if int(stat.rsplit(")", 1)[1].split()[3]) == session and "sparse_caffe.tune_runner" in command:
+        if int(stat.rsplit(")", 1)[1].split()[3]) == session and "sparse_caffe.inside.tune_runner" in command:
             found[int(entry.name)] = command
     return found
 
 
 def test_sigterm_during_tune_leaves_no_file_and_no_runner(tmp_path):
     from caffe_tests.test_cli_bench import inv_command, inv_env
-    from sparse_caffe.config import PROJECT_ROOT
+    from sparse_caffe.patching.config import PROJECT_ROOT
     proc = subprocess.Popen(inv_command("tune", *TUNE_RUN[:-4], "--repeats", "200", "--out",
                                         str(tmp_path / "plan.json")),
                             cwd=PROJECT_ROOT, env=inv_env(tmp_path / "results"),

@@ -2,11 +2,11 @@
 
 The same checks as the native build, re-stated for Ubuntu 18.04's Python 3.6 (the package's own
 modules need a newer Python):
-  - the tree hash is sparse_caffe.source.tree_sha256: every file's relative path, kind
+  - the tree hash is sparse_caffe.patching.source.tree_sha256: every file's relative path, kind
     (f/x/l) and content; a single top-level folder (GitHub's tarball has one) is looked through;
-  - the series is applied as sparse_caffe.render.apply_series does: in the order of
+  - the series is applied as sparse_caffe.patching.render.apply_series does: in the order of
     patches/series, `patch -p1 --batch --forward --fuzz=0`, the first failure stops the build;
-  - the series hash is sparse_caffe.render.series_sha256.
+  - the series hash is sparse_caffe.patching.render.series_sha256.
 tests/test_docker.py checks on the host that both hashes equal the package's. The record written
 to --info (JSON) is what the image says about itself; `./inv bench --docker` puts it in
 results.json. Any failure: one `error:` line on stderr, exit 1.
@@ -46,7 +46,7 @@ def _walk(root):
 
 
 def tree_sha256(root):
-    """Hash of a tree's contents, as sparse_caffe.source.tree_sha256."""
+    """Hash of a tree's contents, as sparse_caffe.patching.source.tree_sha256."""
     root = content_root(root)
     entries = []
     for path in _walk(root):
@@ -74,7 +74,7 @@ def series_files(patches_dir):
 
 
 def series_sha256(patches_dir):
-    """Hash of the series as applied, as sparse_caffe.render.series_sha256."""
+    """Hash of the series as applied, as sparse_caffe.patching.render.series_sha256."""
     digest = hashlib.sha256()
     for patch in series_files(patches_dir):
         digest.update("{}\n".format(os.path.basename(patch)).encode())

@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from .errors import UserError
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from .terminal import say
 
 
 def die_with_parent() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sparse_caffe.config import CaffePin
-from sparse_caffe.source import tree_sha256
+from sparse_caffe.patching.config import CaffePin
+from sparse_caffe.patching.source import tree_sha256
 
 
 def make_tree(root: Path, files: dict[str, str]) -> Path:

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from sparse_caffe import build
-from sparse_caffe.config import BuildOptions
+from sparse_caffe.patching import build
+from sparse_caffe.patching.config import BuildOptions
 from sparse_caffe.errors import UserError
 
 PYTHON = {"executable": "/x/bin/python", "version": "3.11.2", "numpy": "2.4.6", "protobuf": "4.21.12",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sparse_caffe.cache import OWNED_MARKER
-from sparse_caffe.config import PROJECT_ROOT
+from sparse_caffe.patching.cache import OWNED_MARKER
+from sparse_caffe.patching.config import PROJECT_ROOT
 
 from .conftest import UPSTREAM, make_tarball
 

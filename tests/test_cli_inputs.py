@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sparse_caffe import cache
-from sparse_caffe.config import PROJECT_ROOT
+from sparse_caffe.patching import cache
+from sparse_caffe.patching.config import PROJECT_ROOT
 
 INV = str(PROJECT_ROOT / "inv")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sparse_caffe.csr_reference import Geometry, im2col, lowered_csr_from_csr, useful_macs
+from sparse_caffe.inside.csr_reference import Geometry, im2col, lowered_csr_from_csr, useful_macs
 
 GEOMETRIES = [
     Geometry(3, 7, 9),

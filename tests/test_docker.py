@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 from docker.utils.build import match_tag
 
-from sparse_caffe import docker_route, images, measure, render
-from sparse_caffe.build import GTEST_SUITES, MAKE_TARGETS, MKL_REQUIREMENT
-from sparse_caffe.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, CaffePin
+from sparse_caffe.host import docker_route
+from sparse_caffe.models import images
+from sparse_caffe.inside import measure
+from sparse_caffe.patching import render
+from sparse_caffe.patching.build import GTEST_SUITES, MAKE_TARGETS, MKL_REQUIREMENT
+from sparse_caffe.patching.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, CaffePin
 from sparse_caffe.errors import UserError
-from sparse_caffe.source import tree_sha256
+from sparse_caffe.patching.source import tree_sha256
 
 from .conftest import UPSTREAM, make_tarball, make_tree
 from .test_cli import assert_one_error_line
@@ -113,8 +116,10 @@ def test_build_context_is_what_the_dockerfile_copies():
     files = context_files()
     series = [p.relative_to(PROJECT_ROOT).as_posix() for p in render.series_files()]
     expected = {".dockerignore", "docker/Dockerfile", "docker/prepare_caffe.py", "patches/series",
-                *series, "sparse_caffe/__init__.py", "sparse_caffe/errors.py",
-                "sparse_caffe/measure.py"}
+                *series, "sparse_caffe/__init__.py", "sparse_caffe/errors.py", "sparse_caffe/files.py",
+                "sparse_caffe/terminal.py",
+                "sparse_caffe/inside/__init__.py", "sparse_caffe/inside/measure.py",
+                "sparse_caffe/models/__init__.py", "sparse_caffe/models/net_layers.py"}
     assert set(files) == expected
     sources = copy_sources()
     for source in sources:  # everything the Dockerfile copies is there ...
@@ -146,7 +151,7 @@ def vermin(*paths) -> subprocess.CompletedProcess:
 
 def test_code_that_runs_in_the_image_is_python_3_6():
     files = image_python_files()
-    assert PREPARE in files and PROJECT_ROOT / "sparse_caffe" / "measure.py" in files
+    assert PREPARE in files and PROJECT_ROOT / "sparse_caffe" / "inside" / "measure.py" in files
     result = vermin(*files)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Minimum required versions: 3." in result.stdout
@@ -167,21 +172,24 @@ def test_the_3_6_check_catches_newer_python(tmp_path):
 def test_code_in_the_image_imports_only_what_the_image_has():
     """Standard library, numpy, pycaffe, protobuf, and modules that are in the context."""
     allowed = set(sys.stdlib_module_names) | {"numpy", "caffe", "google"}
-    shipped = {Path(p).stem for p in context_files() if p.startswith("sparse_caffe/")}
+    shipped = set(context_files())
     for path in image_python_files():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert alias.name.split(".")[0] in allowed, (path.name, alias.name)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    assert (node.module or "").split(".")[0] in shipped, (path.name, node.module)
+                if node.level:  # the module it names, resolved from this file's package
+                    base = path.parents[node.level - 1].joinpath(*(node.module or "").split("."))
+                    target = base.relative_to(PROJECT_ROOT).as_posix()
+                    assert f"{target}.py" in shipped or f"{target}/__init__.py" in shipped, \
+                        (path.name, node.module)
                 else:
                     assert node.module.split(".")[0] in allowed, (path.name, node.module)
 
 
 def test_measure_runs_without_caffe_until_it_needs_it():
-    result = subprocess.run([sys.executable, "-m", "sparse_caffe.measure", "--help"],
+    result = subprocess.run([sys.executable, "-m", "sparse_caffe.inside.measure", "--help"],
                             cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and "prepared by ./inv bench --docker" in result.stdout
 
@@ -408,7 +416,7 @@ def test_a_container_run_mounts_the_folder_as_this_user(tmp_path, monkeypatch, c
                                blas="openblas")
     docker_route.run_measurement(image, tmp_path, threads=3)
     made = engine.create_kwargs
-    assert made["image"] == image.id and made["command"][:3] == ["python3", "-m", "sparse_caffe.measure"]
+    assert made["image"] == image.id and made["command"][:3] == ["python3", "-m", "sparse_caffe.inside.measure"]
     assert made["volumes"] == {str(tmp_path.resolve()): {"bind": "/workspace/run", "mode": "rw"}}
     assert made["user"] == f"{os.getuid()}:{os.getgid()}"
     assert made["environment"]["OMP_NUM_THREADS"] == "3" and engine.removed

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparse_caffe import images
+from sparse_caffe.models import images
 from sparse_caffe.errors import UserError
 
 

@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from sparse_caffe import render
-from sparse_caffe.config import CONV_TEMPLATE_CONFIG, PATCH_SERIES, PatchSpec
+from sparse_caffe.patching import render
+from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG, PATCH_SERIES, PatchSpec
 from sparse_caffe.errors import UserError
-from sparse_caffe.source import ensure_source
+from sparse_caffe.patching.source import ensure_source
 
 SERIES = (
     PatchSpec(1, "fix-io", "Fix io.", ("src/caffe/util/io.cpp",)),
@@ -161,7 +161,7 @@ def test_a_later_patch_layers_its_edits_on_an_earlier_patchs_file(tmp_path, upst
 def test_auto_is_numbered_after_the_concrete_paths_and_never_one_of_them():
     """auto is selectable (the enums' last value) but not a concrete path: code that iterates
     forward_paths keeps seeing only paths that compute something themselves."""
-    from sparse_caffe.config import ConvTemplateConfig
+    from sparse_caffe.patching.config import ConvTemplateConfig
 
     config = CONV_TEMPLATE_CONFIG
     assert config.auto_path not in config.forward_paths + config.fc_forward_paths

@@ -7,8 +7,8 @@ import warnings
 
 from PIL import Image
 
-from sparse_caffe import report
-from sparse_caffe.config import PROJECT_ROOT
+from sparse_caffe.host import report
+from sparse_caffe.patching.config import PROJECT_ROOT
 
 RUNS = PROJECT_ROOT / "results"
 
@@ -83,7 +83,7 @@ def test_compare_says_which_runs_and_what_differs():
 
 
 def raw_baselines(pytorch_ms: float, disagreeing_ms: float) -> dict:
-    """Raw whole-net baselines as sparse_caffe.baselines writes them: Caffe's dense and plan and
+    """Raw whole-net baselines as sparse_caffe.inside.baselines writes them: Caffe's dense and plan and
     three variants in the same 3 rounds, one of which disagrees with Caffe, one skipped."""
     def variant(framework, times, diff=1e-6, top1=0):
         return {"framework": framework, "memory_format": "contiguous", "compiled": False,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from sparse_caffe.errors import UserError
-from sparse_caffe.source import debian_mirror_uri, ensure_source, tree_sha256
+from sparse_caffe.patching.source import debian_mirror_uri, ensure_source, tree_sha256
 
 from .conftest import UPSTREAM, make_tarball, make_tree
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparse_caffe.templating import TemplateError, apply_edits, parse_edits, render
+from sparse_caffe.patching.templating import TemplateError, apply_edits, parse_edits, render
 
 ORIGINAL = "#include <a>\n\nint f() {\n  if (x) {\n    y();\n  }\n  return 1;\n}\n"
 

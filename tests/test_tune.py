@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_caffe import tune
+from sparse_caffe.host import tune
 from sparse_caffe.errors import UserError
 from tests.test_cli_inputs import assert_one_error_line, inv
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from sparse_caffe import weights
+from sparse_caffe.models import weights
 from sparse_caffe.errors import UserError
-from sparse_caffe.weights import PrunedWeights, fetch, git_blob_id, place
+from sparse_caffe.models.weights import PrunedWeights, fetch, git_blob_id, place
 
 PAYLOAD = {  # synthetic stand-ins for decompressed .caffemodel files
     "caffenet": os.urandom(6000),

@@ -1,0 +1,256 @@
+"""Run stage: run things against a finished build (Caffe's own gtests; pycaffe in a subprocess)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..patching.build import Build
+from ..patching.config import PROJECT_ROOT, cache_dir, results_dir, user_path, writable_folder
+from ..errors import UserError
+from ..files import atomic_path, atomic_write_json
+from ..inside.rss_probe import SMALL_NET  # the memory task's own small synthetic net
+from ..shell import die_with_parent
+
+
+# More threads than this many per core only measure the operating system's scheduler.
+MAX_THREADS_PER_CORE = 4
+
+
+def check_threads(threads: int, cores: int | None = None) -> int:
+    """--threads as given (0: every core), checked: UserError for a negative count or more than
+    MAX_THREADS_PER_CORE per core. Returns the count to use."""
+    cores = cores or os.cpu_count() or 1
+    if threads < 0:
+        raise UserError(f"--threads must be at least 1 (or 0 for every core), got {threads}")
+    if threads > MAX_THREADS_PER_CORE * cores:
+        raise UserError(f"--threads {threads} on {cores} cores: more than {MAX_THREADS_PER_CORE} "
+                        f"per core only measures the scheduler; use at most "
+                        f"{MAX_THREADS_PER_CORE * cores} (default: {cores}, one per core)")
+    return threads or cores
+
+
+def warn_oversubscribed(threads: int, cores: int | None = None) -> None:
+    """One line when threads share cores: timings then include waiting for a core."""
+    cores = cores or os.cpu_count() or 1
+    if threads > cores:
+        print(f"warning: {threads} threads on {cores} cores: threads wait for each other, so the "
+              "timings measure oversubscription too", file=sys.stderr)
+
+
+def thread_env(threads: int) -> dict:
+    """One thread count for OpenMP, OpenBLAS and MKL, so every path gets the same cores."""
+    value = str(threads)
+    return {"OMP_NUM_THREADS": value, "OPENBLAS_NUM_THREADS": value, "MKL_NUM_THREADS": value}
+
+
+def pycaffe(build: Build, module: str, args: list[str], threads: int,
+            capture_stderr: bool = False, capture_stdout: bool = False,
+            extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m sparse_caffe.<module> args` with the build's pycaffe and `threads` threads."""
+    env = build.env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
+    env.update(thread_env(threads))
+    env.update(extra_env or {})
+    # subprocess.run kills the child if this process is interrupted (Ctrl-C, SIGTERM through
+    # tasks.user_errors); die_with_parent covers a parent killed outright.
+    return subprocess.run([sys.executable, "-m", f"sparse_caffe.{module}", *args], env=env,
+                          stderr=subprocess.PIPE if capture_stderr else None,
+                          stdout=subprocess.PIPE if capture_stdout else None, text=True,
+                          preexec_fn=die_with_parent)
+
+
+def pycaffe_json(build: Build, module: str, spec: dict, args: list[str], threads: int, what: str,
+                 extra_env: dict | None = None) -> dict:
+    """Run a pycaffe module that reads a benchmark spec (a JSON file, its first argument) and
+    prints one JSON object last; that object, or one line for its failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        result = pycaffe(build, module, [str(spec_file), *args], threads, capture_stderr=True,
+                         capture_stdout=True, extra_env=extra_env)
+    raise_for(result, what)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def raise_for(result: subprocess.CompletedProcess, what: str, error_file: Path | None = None) -> None:
+    """One clear line for a failed pycaffe subprocess: its own error message (from error_file or
+    an `error:` line), else the tail of its output."""
+    if result.returncode == 0:
+        return
+    if error_file is not None and error_file.is_file():
+        raise UserError(error_file.read_text().strip())
+    lines = (result.stderr or "").splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    if errors:
+        raise UserError(errors[-1][len("error: "):])
+    tail = "\n".join(lines[-8:])
+    raise UserError(f"{what} failed (exit {result.returncode})" + (f":\n{tail}" if tail else ""))
+
+
+# How far bench's dense whole forward may be from the plain loop's before the baseline is suspect.
+BASELINE_TOLERANCE = 0.15
+
+
+def check_baseline(build: Build, results: dict, forwards: int = 30) -> tuple[float, float]:
+    """Time the dense whole forward of a run's net in a plain pycaffe loop (OMP_WAIT_POLICY=passive,
+    same net, weights, images, batch, threads) and compare it with the run's dense median.
+    Returns (bench's median, the plain loop's median); UserError beyond BASELINE_TOLERANCE."""
+    params = results["params"]
+    weights = Path(results["weights"]["path"])
+    if not weights.is_file():
+        raise UserError(f"the run's weights {weights} are gone; re-run ./inv bench")
+    images = params["images"]
+    spec = {**params, "paths": ["dense"], "weights": str(weights),
+            "images": int(images) if isinstance(images, str) and images.isdigit() else images,
+            "cache_dir": str(cache_dir())}
+    plain = pycaffe_json(build, "inside.plain_forward", spec, ["--forwards", str(forwards)],
+                         int(params["threads"]), "the plain pycaffe loop",
+                         extra_env={"OMP_WAIT_POLICY": "passive"})["median_ms"]
+    bench = results["net"]["dense"]["stats"]["median"]
+    if abs(bench - plain) / plain > BASELINE_TOLERANCE:
+        raise UserError(f"bench's dense whole forward ({bench:.2f} ms) is {bench / plain:.2f}x the "
+                        f"plain loop's ({plain:.2f} ms, OMP_WAIT_POLICY=passive): the baseline is "
+                        "suspect (a busy machine, or thread pools fighting); re-run on a quiet machine")
+    return bench, plain
+
+
+def sparsity_report_target(net: str, json_path: str | None) -> Path:
+    """Where ./inv inspect writes its JSON, checked writable before anything runs."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = (user_path(json_path) if json_path
+              else results_dir() / "inspect" / f"{net}-{stamp}.json")
+    if target.is_dir():
+        raise UserError(f"--json {target} is a folder; give a file name")
+    writable_folder(target.parent, "the folder for --json" if json_path
+                    else "the results folder (SPARSE_CAFFE_RESULTS)")
+    return target
+
+
+def sparsity_report(build: Build, net: str, weights: str, images: str | None, batch: int,
+            target: Path) -> Path:
+    """Run sparse_caffe.inside.sparsity against a build; its JSON is written to `target` when complete."""
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    with atomic_path(target) as partial:
+        args = ["--net", net, "--weights", weights, "--batch", str(batch), "--json", str(partial)]
+        if images:
+            args += ["--images", images]
+        result = pycaffe(build, "inside.sparsity", args, os.cpu_count() or 1, capture_stderr=True)
+        if result.stderr:
+            sys.stderr.write("".join(ln + "\n" for ln in result.stderr.splitlines()
+                                     if not ln.startswith("error:")))
+        raise_for(result, "the sparsity report")
+    return target
+
+
+# Peak resident memory of a sparse path may exceed dense's by this much (issue 14's bound).
+MEMORY_TOLERANCE = 1.2
+
+
+def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], forwards: int,
+           threads: int, layers: str | None = None) -> tuple[dict, Path]:
+    """Peak and steady resident memory of the whole net on each path, each in a fresh pycaffe
+    process (see sparse_caffe.inside.rss_probe); written to results/memory/<net>-b<batch>-<time>.json.
+    net may be rss_probe.SMALL_NET, the probe's own small synthetic net (for long leak checks)."""
+    if forwards < 1 or batch < 1:
+        raise UserError("--forwards and --batch must be at least 1")
+    out_dir = writable_folder(results_dir() / "memory", "the results folder (SPARSE_CAFFE_RESULTS)")
+    if net == SMALL_NET:
+        weights = "synthetic"  # its weights are always the probe's seeded synthetic ones
+    spec = {"net": net, "weights": weights, "batch": batch, "images": None, "layers": layers,
+            "transform": "fold", "cache_dir": str(cache_dir())}
+    measured = {path: pycaffe_json(build, "inside.rss_probe", spec,
+                                   ["--path", path, "--forwards", str(forwards)], threads,
+                                   f"the memory probe on {path}") for path in paths}
+    dense = measured[paths[0]]["after_forwards"]["peak_mib"]
+    for entry in measured.values():
+        entry["peak_vs_dense"] = entry["after_forwards"]["peak_mib"] / dense
+        entry["forward_peak_mib"] = (entry["after_forwards"]["peak_mib"]
+                                     - entry["before_forward"]["rss_mib"])
+        entry["growth_after_warmup_mib"] = (entry["after_forwards"]["rss_mib"]
+                                            - entry["after_warmup"]["rss_mib"])
+    record = {"net": net, "weights": weights, "batch": batch, "threads": threads,
+              "forwards": forwards, "layers": layers, "tolerance": MEMORY_TOLERANCE,
+              "paths": measured}
+    target = out_dir / f"{net}-b{batch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_json(target, record, indent=1)
+    return record, target
+
+
+def bench_layer_check(shape: str, threads: int, weight_zeros: float, input_zeros: float,
+                      repeats: int) -> int:
+    """./inv bench-layer's options, checked before anything is built; returns the threads."""
+    from ..inside.layer_bench import SHAPES
+    if shape not in SHAPES:
+        raise UserError(f"unknown --shape {shape!r}: choose from {', '.join(sorted(SHAPES))}")
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    for option, value in (("--weight-zeros", weight_zeros), ("--input-zeros", input_zeros)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{option} is a fraction of zeros, from 0 up to (not including) 1; "
+                            f"got {value}")
+    threads = check_threads(threads)
+    writable_folder(results_dir() / "layer-bench", "the results folder (SPARSE_CAFFE_RESULTS)")
+    return threads
+
+
+def bench_layer(build: Build, shape: str, threads: int, weight_zeros: float, input_zeros: float,
+                repeats: int) -> Path:
+    """Run sparse_caffe.inside.layer_bench against a build; its JSON lands in results/layer-bench/."""
+    threads = bench_layer_check(shape, threads, weight_zeros, input_zeros, repeats)
+    warn_oversubscribed(threads)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = writable_folder(results_dir() / "layer-bench",
+                              "the results folder (SPARSE_CAFFE_RESULTS)")
+    target = out_dir / f"{shape}-{build.inputs['blas']}-t{threads}-{stamp}.json"
+    with atomic_path(target) as partial:
+        result = pycaffe(build, "inside.layer_bench", ["--shape", shape, "--weight-zeros",
+                                                       str(weight_zeros), "--input-zeros",
+                                                       str(input_zeros), "--repeats", str(repeats),
+                                                       "--json", str(partial)], threads)
+        if result.returncode != 0 or not partial.is_file():
+            raise UserError("the layer benchmark failed or a path disagreed with dense (see above)")
+    return target
+
+
+@dataclass(frozen=True)
+class GtestCase:
+    suite: str
+    name: str
+    passed: bool
+    seconds: float
+    message: str
+
+
+def run_gtests(build: Build, gtest_filter: str = "-*GPU*", threads: int = 1,
+               timeout: float = 900) -> tuple[list[GtestCase], str]:
+    """Run Caffe's test binary from the source root (its tests read files relative to it).
+
+    Returns every case from gtest's XML report, and the console output for diagnosis.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "gtest.xml"
+        env = {**os.environ, **thread_env(threads), "GLOG_minloglevel": "2"}
+        result = subprocess.run(
+            [str(build.gtest_binary), f"--gtest_filter={gtest_filter}", f"--gtest_output=xml:{report}"],
+            cwd=build.source, env=env, capture_output=True, text=True, timeout=timeout)
+        output = result.stdout + result.stderr
+        if not report.is_file():
+            raise RuntimeError(f"gtest wrote no report (exit {result.returncode}):\n{output[-3000:]}")
+        cases = []
+        for case in ET.parse(report).getroot().iter("testcase"):
+            if case.get("status") == "notrun":  # filtered out: gtest still lists it
+                continue
+            failures = [f.get("message", "") for f in case.findall("failure")]
+            cases.append(GtestCase(suite=case.get("classname", ""), name=case.get("name", ""),
+                                   passed=not failures,
+                                   seconds=float(case.get("time", "0") or 0),
+                                   message="\n".join(failures)))
+    return cases, output

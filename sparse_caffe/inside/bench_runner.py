@@ -1,0 +1,155 @@
+"""Inside pycaffe: run one benchmark spec and write its raw measurements as JSON.
+
+Started by sparse_caffe.host.bench in a subprocess whose PYTHONPATH names the build and whose
+environment fixes the threads. Everything that needs Caffe happens here; statistics, files and
+plots happen in the parent. For a user mistake: exit 2, the message in <out>.error.
+
+Preparing a run (weights, images, the net as built) is sparse_caffe.inside.prepare; timing it is
+sparse_caffe.inside.measure, which the Docker image runs on its own: with --export, this writes a
+prepared run folder for it instead of measuring.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import baselines, measure
+from ..models import images as images_stage
+from ..models.nets import conv_geometry
+from .prepare import prepare, report_to_parent
+
+
+def run(spec: dict) -> dict:
+    import caffe
+    caffe.set_mode_cpu()
+    net, net_text, layers, weights, images = prepare(caffe, spec)
+    feeds = list(images_stage.batches(images, spec["batch"],
+                                      measure.feed_count(spec, images.count)))
+    net.blobs["data"].data[...] = feeds[0]
+    blas = measure.checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    measured = measure.measure_paths(caffe, net, layers, feeds, images.count, spec)
+    pytorch = (torch_baseline(caffe, net, net_text, layers, measured["dense_inputs"],
+                              measured["reference"], spec)
+               if spec.get("pytorch") else None)
+    raw = measure.raw_result(caffe, net, layers, measured, weights, images.describe(), pytorch,
+                             blas)
+    if spec.get("pytorch"):
+        raw["baselines"] = baselines.measure_whole_net(
+            caffe, net, net_text, feeds, images.count, spec,
+            caffe_rows(caffe, measured, spec, layers))
+    return raw
+
+
+def caffe_rows(caffe, measured: dict, spec: dict, layers: list[str]) -> dict:
+    """Caffe's whole-net configurations timed in the baselines' rounds: dense, the per-layer plan
+    when the run made one, and auto when the run measured it (decided by then: its calibration
+    ran in the warm-up) ({name: () -> None, switching the net to it})."""
+    def dense():
+        caffe.clear_conv_forward_paths()
+        if hasattr(caffe, "set_fc_forward_path"):
+            caffe.set_fc_forward_path("dense")
+    rows = {"dense": dense}
+    if measured.get("plan"):
+        rows["plan"] = lambda: measure.use_plan(caffe, measured["plan"], spec)
+    auto = spec.get("auto_path")
+    if auto and auto in measured["paths"]:
+        def auto_row():  # as measure_paths() runs it: the timed convolutions and every InnerProduct
+            caffe.clear_conv_forward_paths()
+            caffe.set_conv_sparse_backend(spec["backend"])
+            for name in layers:
+                caffe.set_conv_forward_path(auto, name)
+            if hasattr(caffe, "set_fc_forward_path"):
+                caffe.set_fc_forward_path(auto)
+        rows["auto"] = auto_row
+    return rows
+
+
+def export(spec: dict, folder: Path) -> None:
+    """A prepared run folder for sparse_caffe.inside.measure in the Docker image: the net as built here
+    (BatchNorm folded, ReLUs fused, as for a native run), its weights, the preprocessed images,
+    and the spec with the layers to time and the weights' and images' records."""
+    import caffe
+    caffe.set_mode_cpu()
+    net, net_text, layers, weights, images = prepare(caffe, spec)
+    (folder / measure.DEPLOY_FILE).write_text(net_text)
+    net.save(str(folder / measure.WEIGHTS_FILE))
+    np.save(folder / measure.IMAGES_FILE, np.ascontiguousarray(images.data, dtype=np.float32))
+    (folder / measure.SPEC_FILE).write_text(json.dumps(
+        {**spec, "layer_names": layers, "weights_info": weights, "images_info": images.describe()}))
+
+
+def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, outputs: dict,
+                   spec: dict) -> dict:
+    """The same layers, weights and inputs through PyTorch's CPU convolution (dense), same
+    threads and batch: where the sparse paths stand against what users would otherwise run.
+    Each layer in both memory formats (contiguous and channels_last, the input converted before
+    the timer, as a channels_last net would hand it over), interleaved forward by forward, under
+    torch.inference_mode(); the format with the lower median is the layer's PyTorch time. F.conv2d
+    has no preallocated-output form (no out=), so PyTorch allocates each output, as its users'
+    code does."""
+    import torch
+    import torch.nn.functional as F
+    from google.protobuf import text_format
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    param = caffe.proto.caffe_pb2.NetParameter()
+    text_format.Merge(net_text, param)
+    convs = {layer.name: layer.convolution_param for layer in param.layer if layer.name in layers}
+    results = {"version": torch.__version__, "threads": torch.get_num_threads(), "layers": {},
+               "note": "per layer: the memory format with the lower median of contiguous and "
+                       "channels_last (both recorded), under torch.inference_mode()"}
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    for name in layers:
+        c = convs[name]
+        stride, pad, dilation = (conv_geometry(c)[key] for key in ("stride", "pad", "dilation"))
+        blobs = net.params[name]
+        b = torch.from_numpy(blobs[1].data.copy()) if len(blobs) > 1 else None
+        weights = {f: torch.from_numpy(blobs[0].data.copy()).contiguous(memory_format=m)
+                   for f, m in formats.items()}
+        xs = {f: torch.from_numpy(inputs[name]).contiguous(memory_format=m)
+              for f, m in formats.items()}
+
+        def forward(f):
+            y = F.conv2d(xs[f], weights[f], b, stride=stride, padding=pad, dilation=dilation,
+                         groups=c.group)
+            return torch.relu(y) if c.fused_relu else y
+        times = {f: [] for f in formats}
+        with torch.inference_mode():
+            for _ in range(spec["warmup"]):
+                for f in formats:
+                    forward(f)
+            for i in range(spec["repeats"]):
+                for f in (list(formats) if i % 2 == 0 else list(formats)[::-1]):
+                    start = time.perf_counter()
+                    y = forward(f)
+                    times[f].append((time.perf_counter() - start) * 1e3)
+            best = min(formats, key=lambda f: statistics.median(times[f]))
+            y = forward(best).contiguous()
+        reference = outputs[name]
+        difference = measure.relative_difference(y.numpy(), reference)
+        results["layers"][name] = {"times_ms": times[best], "memory_format": best,
+                                   "times_by_format_ms": times, "max_rel_diff": difference}
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("spec", help="JSON file with the benchmark spec")
+    parser.add_argument("out", help="where to write the raw measurements (JSON)")
+    parser.add_argument("--export", action="store_true",
+                        help="write a prepared run folder at `out` (for the Docker image) instead")
+    args = parser.parse_args(argv)
+    spec = json.loads(Path(args.spec).read_text())
+    if args.export:
+        return report_to_parent(Path(args.out), lambda: export(spec, Path(args.out)), write=False)
+    return report_to_parent(Path(args.out), lambda: run(spec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
