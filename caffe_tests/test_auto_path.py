@@ -21,8 +21,9 @@ from .test_forward_paths import auto_outputs, paths, sparse_weights  # noqa: F40
 from .test_sparse_inner_product import fc_paths, fc_prototxt, load  # noqa: F401 - a fixture
 
 CONFIG = CONV_TEMPLATE_CONFIG
-# Paths that do every multiply (Caffe's GEMM, oneDNN's primitive): never pruned for dense weights.
-DENSE_KERNELS = {"dense", "onednn"}
+# Paths never pruned for dense weights: those that do every multiply (Caffe's GEMM, oneDNN's
+# primitive) and activation_sparse (dense weights times the input's nonzeros, 1x1 layers only).
+DENSE_KERNELS = {"dense", "onednn", "activation_sparse"}
 
 
 @pytest.fixture

@@ -175,7 +175,7 @@ def test_unknown_path_is_a_value_error(caffe, paths):
     with pytest.raises(ValueError, match="unknown convolution forward path 'fast'"):
         caffe.set_conv_forward_path("fast")
     assert caffe.conv_forward_paths() == ["dense", "spmdm", "sparse_sparse", "sparse_output", "direct",
-                                          "onednn"]
+                                          "onednn", "activation_sparse"]
     with pytest.raises(ValueError, match="sparse back end 'cuda' is not in this build"):
         caffe.set_conv_sparse_backend("cuda")
     assert caffe.conv_sparse_backends()[0] == "openmp"

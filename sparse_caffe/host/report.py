@@ -24,7 +24,7 @@ PHASES = CONV_TEMPLATE_CONFIG.phases
 # One colour per path, in config's order (dense green, spmdm purple, as the seed study drew them).
 PATH_COLOURS = dict(zip(CONV_TEMPLATE_CONFIG.selectable_paths,
                         ("tab:green", "tab:purple", "tab:blue", "tab:orange", "tab:brown",
-                         "tab:cyan", "tab:olive")))
+                         "tab:cyan", "tab:pink", "tab:olive")))
 
 
 def stats(values: list[float]) -> dict:

@@ -27,6 +27,16 @@ SHAPES = {
     "res5_branch2b": dict(batch=1, channels=512, size=7, num_output=512, kernel=3, pad=1, stride=1),
     "res4_branch2b": dict(batch=1, channels=256, size=14, num_output=256, kernel=3, pad=1, stride=1),
     "res3_branch2b": dict(batch=1, channels=128, size=28, num_output=128, kernel=3, pad=1, stride=1),
+    # ResNet-50's 1x1 convolutions (dense weights in SkimCaffe's pruning: use --weight-zeros 0):
+    # branch2a reduces the channels, branch2c expands them; res5a's branch2a has stride 2.
+    "res5_branch2a": dict(batch=1, channels=2048, size=7, num_output=512, kernel=1, pad=0, stride=1),
+    "res5_branch2c": dict(batch=1, channels=512, size=7, num_output=2048, kernel=1, pad=0, stride=1),
+    "res5a_branch2a": dict(batch=1, channels=1024, size=14, num_output=512, kernel=1, pad=0,
+                           stride=2),
+    "res4_branch2a": dict(batch=1, channels=1024, size=14, num_output=256, kernel=1, pad=0, stride=1),
+    "res4_branch2c": dict(batch=1, channels=256, size=14, num_output=1024, kernel=1, pad=0, stride=1),
+    "res3_branch2a": dict(batch=1, channels=512, size=28, num_output=128, kernel=1, pad=0, stride=1),
+    "res3_branch2c": dict(batch=1, channels=128, size=28, num_output=512, kernel=1, pad=0, stride=1),
     "caffenet_conv3": dict(batch=1, channels=256, size=13, num_output=384, kernel=3, pad=1, stride=1),
 }
 
@@ -163,12 +173,13 @@ def main(argv=None) -> int:
           f"multiply-adds at {probe['macs_per_second'] / 1e9:.1f} G/s (measured GEMM rate), "
           f"{limit['bytes'] / 1e6:.2f} MB at {probe['bytes_per_second'] / 1e9:.1f} GB/s "
           "(measured copy bandwidth))")
-    print(f"{'path':<15}{'backend':<9}{'median ms':>10}{'min ms':>9}{'vs dense':>10}"
+    width = max(len(r.path) for r in results) + 2
+    print(f"{'path':<{width}}{'backend':<9}{'median ms':>10}{'min ms':>9}{'vs dense':>10}"
           f"{'input prep':>11}{'prep %':>8}{'multiply':>10}{'t_min/t':>9}{'max rel diff':>14}")
     for r in results:
         flag = "  <-- DIFFERS FROM DENSE" if r.max_rel_diff > AGREEMENT_TOLERANCE else ""
         prep = r.phase_ms.get("input2csr", 0) + r.phase_ms.get("im2col", 0)
-        print(f"{r.path:<15}{r.backend:<9}{r.median_ms:>10.3f}{min(r.forward_ms):>9.3f}"
+        print(f"{r.path:<{width}}{r.backend:<9}{r.median_ms:>10.3f}{min(r.forward_ms):>9.3f}"
               f"{dense_ms / r.median_ms:>9.2f}x{prep:>11.3f}{prep / r.median_ms:>8.0%}"
               f"{r.phase_ms.get('multiply', 0):>10.3f}{limit['t_min_ms'] / r.median_ms:>9.2f}"
               f"{r.max_rel_diff:>14.1e}{flag}")

@@ -87,7 +87,7 @@ class ConvTemplateConfig:
     phases: tuple[str, ...] = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
     # Forward paths of the multiply, numbered from 1 in this order in caffe.proto's ForwardPath.
     forward_paths: tuple[str, ...] = ("dense", "spmdm", "sparse_sparse", "sparse_output", "direct",
-                                      "onednn")
+                                      "onednn", "activation_sparse")
     # Implementations of the sparse paths, numbered from 1 in caffe.proto's SparseBackend.
     sparse_backends: tuple[str, ...] = ("openmp", "mkl")
     # The direct path's vector microkernels, best first (a portable scalar kernel always exists):
@@ -99,6 +99,13 @@ class ConvTemplateConfig:
     # Forward paths of the InnerProduct (fully connected) multiply, numbered from 1 in this order in
     # caffe.proto's InnerProductParameter.ForwardPath.
     fc_forward_paths: tuple[str, ...] = ("dense", "sparse")
+    # activation_sparse's block of output channels kept in vector registers, in bytes: 256 is
+    # 64 floats (8 ymm on AVX2, 4 zmm on AVX-512) or 32 doubles. Its microkernels are rendered
+    # for each of direct_isas and 1..(block bytes / register bytes) registers.
+    activation_sparse_block_bytes: int = 256
+    # ... and the bytes of a panel's rows (block bytes x input channels) one block of input
+    # channels spans: the rows a tile of positions reads before the next block's (L1-resident).
+    activation_sparse_slice_bytes: int = 16384
     # The path that picks one of the concrete paths per layer (convolutions: every forward path and
     # back end; InnerProduct: every fc forward path), numbered after them in both enums. Not one
     # of forward_paths / fc_forward_paths, so code iterating those still sees concrete paths only.
@@ -110,7 +117,7 @@ class ConvTemplateConfig:
                           "sparse_sparse (the same multiply) is a candidate"),
     )
     # Paths whose kernel is the same on every back end: auto times them once (openmp).
-    backend_independent: tuple[str, ...] = ("dense", "direct", "onednn")
+    backend_independent: tuple[str, ...] = ("dense", "direct", "onednn", "activation_sparse")
     # auto's policy (auto_path.hpp): the cost model prunes every sparse path (but direct on a
     # kernel larger than 1x1) when more than auto_dense_weights of the weights are nonzero, and
     # any candidate predicted slower than
@@ -141,6 +148,13 @@ class ConvTemplateConfig:
         for isa in self.direct_isas:
             if isa.register_bits not in (256, 512) or not 1 <= isa.max_vectors <= 24:
                 raise ValueError(f"unsupported direct ISA {isa}")
+        if any(self.activation_sparse_block_bytes % (isa.register_bits // 8) or
+               self.activation_sparse_block_bytes > 2048 for isa in self.direct_isas):
+            raise ValueError("activation_sparse_block_bytes must be a multiple of every ISA's "
+                             f"register bytes, at most 2048: {self.activation_sparse_block_bytes}")
+        if self.activation_sparse_slice_bytes < self.activation_sparse_block_bytes:
+            raise ValueError("activation_sparse_slice_bytes must hold at least one block: "
+                             f"{self.activation_sparse_slice_bytes}")
         if not self.fc_forward_paths or self.fc_forward_paths[0] != "dense":
             raise ValueError("dense must be the first InnerProduct forward path (the baseline)")
         if self.auto_max_rounds_factor < 1:
@@ -202,7 +216,8 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         "convolution), on our OpenMP kernels or MKL's sparse BLAS, with an optional fused ReLU,\n"
         "and direct (Park et al.'s direct sparse convolution: weights as offsets into a zero-padded\n"
         "copy of the input, a strip of outputs in vector registers, bias and ReLU fused). The\n"
-        "ForwardPath enum also names onednn, which patch 5 implements (dense without it).\n"
+        "ForwardPath enum also names onednn and activation_sparse, which patches 5 and 9\n"
+        "implement (dense without them).\n"
         "Chosen per layer in the prototxt (convolution_param.forward_path, sparse_backend), from\n"
         "pycaffe, or process-wide with SPARSE_CAFFE_FORWARD_PATH / SPARSE_CAFFE_SPARSE_BACKEND.\n"
         "A per-layer profile times the phases and counts calls, input nonzeros, multiply-adds and\n"
@@ -303,6 +318,28 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "include/caffe/layers/eltwise_layer.hpp",
             "src/caffe/layers/eltwise_layer.cpp",
             "src/caffe/layers/relu_layer.cpp",
+        ),
+    ),
+    PatchSpec(
+        9, "activation-sparse-1x1",
+        "The activation_sparse forward path, for 1x1 convolutions whose weights are dense but whose\n"
+        "input (after a ReLU) is mostly zero: out[:, p] = W[:, nz(p)] x in[nz(p), p], skipping the\n"
+        "zero inputs. The weights transposed once (again when the weight blob's version changes)\n"
+        "into panels of output channels, per output position the list of its nonzero input\n"
+        "channels, a block of output channels in vector registers (AVX-512, AVX2 + FMA or scalar,\n"
+        "picked at run time as direct's kernels are), bias and fused ReLU inside, the whole batch\n"
+        "in one call (a parallel gather, then a parallel multiply); any stride, float and double. Other kernels, padding, groups, N-D\n"
+        "and Deconvolution run dense (saying why once); non-finite weights run dense. A candidate\n"
+        "of auto on 1x1 layers, predicted from the input's nonzero fraction.",
+        (
+            "include/caffe/util/activation_sparse_conv.hpp",
+            "src/caffe/util/activation_sparse_conv.cpp",
+            "include/caffe/util/auto_path.hpp",
+            "src/caffe/util/auto_path.cpp",
+            "include/caffe/layers/base_conv_layer.hpp",
+            "src/caffe/layers/base_conv_layer.cpp",
+            "src/caffe/layers/conv_layer.cpp",
+            "python/caffe/_caffe.cpp",
         ),
     ),
 )
