@@ -14,14 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG
+
 from .test_conv_reference import CASES, Case, conv_spec, random_input, reference_conv
 
 SPARSE_PATHS = ["spmdm", "sparse_sparse", "sparse_output", "direct"]
 # auto runs its candidates in turn while it calibrates: forward_on returns, of every forward until
 # it has decided and one after, the output farthest from the first (dense's, its first candidate).
 PATHS_AND_AUTO = SPARSE_PATHS + ["auto"]
-# More forwards than any calibration takes: (timed rounds + 1) x candidates, 6 x 6 at most.
-MAX_AUTO_FORWARDS = 60
+# More forwards than any calibration takes: (timed rounds, extended at most auto_max_rounds_factor
+# times, + 1) x candidates (at most 8: dense, onednn, direct, activation_sparse, and spmdm and
+# sparse_sparse on each back end).
+MAX_AUTO_FORWARDS = (CONV_TEMPLATE_CONFIG.auto_rounds * CONV_TEMPLATE_CONFIG.auto_max_rounds_factor
+                     + 1) * 8
 BACKENDS = ["openmp", "mkl"]
 SPARSITY = [0.0, 0.5, 0.9, 0.99, 1.0]
 

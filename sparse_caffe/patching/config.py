@@ -328,9 +328,10 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         "into panels of output channels, per output position the list of its nonzero input\n"
         "channels, a block of output channels in vector registers (AVX-512, AVX2 + FMA or scalar,\n"
         "picked at run time as direct's kernels are), bias and fused ReLU inside, the whole batch\n"
-        "in one call (a parallel gather, then a parallel multiply); any stride, float and double. Other kernels, padding, groups, N-D\n"
-        "and Deconvolution run dense (saying why once); non-finite weights run dense. A candidate\n"
-        "of auto on 1x1 layers, predicted from the input's nonzero fraction.",
+        "in one call (a parallel gather, then a parallel multiply); any stride, float and double.\n"
+        "Other kernels, padding, groups, N-D and Deconvolution run dense (saying why once);\n"
+        "non-finite weights run dense. A candidate of auto on 1x1 layers, predicted from the\n"
+        "input's nonzero fraction.",
         (
             "include/caffe/util/activation_sparse_conv.hpp",
             "src/caffe/util/activation_sparse_conv.cpp",
