@@ -74,6 +74,9 @@ def test_json_schema(run_dir):
     assert plan["top1_agreement"] == 1.0
     # auto: calibrated during the warm-up (none given: as long as it took), each timed layer's
     # choice and candidates recorded, the whole net's choices and calibration length with it.
+    # the last blob through the whole net, against dense's
+    assert r["net"]["dense"]["output_max_rel_diff"] == 0
+    assert all(0 <= r["net"][p]["output_max_rel_diff"] <= 1e-4 for p in r["net"])
     auto = r["net"]["auto"]["auto"]
     assert auto["calibration_forwards"] >= 1
     assert auto["warmup_forwards"] == auto["calibration_forwards"]
@@ -115,6 +118,10 @@ def test_every_number_is_derived_from_measurements(run_dir, caffe):
             assert result["effective_gflops"] == pytest.approx(
                 2 * layer["dense_macs_per_image"] / seconds / 1e9)
             assert result["agrees"] and result["max_rel_diff"] < 1e-4
+            # the layer alone on dense's input, and through the net: dense's own are exactly 0
+            assert result["chain_max_rel_diff"] is not None
+            if path == "dense":
+                assert result["max_rel_diff"] == result["chain_max_rel_diff"] == 0
         # dense MACs from the layer's own shape: M x K x N
         out_c, in_per_group, (kh, kw) = layer["num_output"], layer["channels_per_group"], layer["kernel"]
         assert layer["dense_macs_per_image"] == out_c * in_per_group * kh * kw * np.prod(layer["output"][1:])

@@ -76,7 +76,10 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
             per_path[path] = {"times_ms": totals, "stats": stats(totals),
                               "phases_ms": {k: statistics.median(v) for k, v in phases.items()},
                               "phases_raw_ms": phases, "counters": counters,
-                              "max_rel_diff": measured["max_rel_diff"][name]}
+                              # the layer alone on dense's input; chain_: through the net
+                              "max_rel_diff": measured["max_rel_diff"][name],
+                              "chain_max_rel_diff": measured.get("chain_max_rel_diff",
+                                                                 {}).get(name)}
         dense = per_path[baseline]
         c = dense["counters"]
         images = c["calls"]
@@ -123,6 +126,8 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
         times = raw["paths"][path]["net_times_ms"]
         net[path] = {"times_ms": times, "stats": stats(times),
                      "top1_agreement": raw["paths"][path]["top1_agreement"],
+                     # the last blob's difference from dense's, through the whole net
+                     "output_max_rel_diff": raw["paths"][path].get("output_max_rel_diff"),
                      **layer_breakdown(raw["net_layers"], raw["paths"][path]["layer_times_ms"])}
         whole, layer_sum = net[path]["stats"]["median"], net[path]["layer_sum_ms"]
         net[path]["consistency_gap"] = (whole - layer_sum) / whole
@@ -137,6 +142,10 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
         if net[path]["top1_agreement"] < 1.0:
             problems.append(f"whole net on {path}: top-1 agrees with dense on "
                             f"{net[path]['top1_agreement']:.1%} of the images")
+        output_diff = net[path]["output_max_rel_diff"]
+        if output_diff is not None and output_diff > raw["agreement_tolerance"]:
+            problems.append(f"whole net on {path}: its last blob differs from dense's by "
+                            f"{output_diff:.1e} of its largest value")
         calibration = raw["paths"][path].get("auto")
         if calibration:
             net[path]["auto"] = calibration

@@ -297,17 +297,29 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
     # spec["plan"] False: the caller chooses and times its own plan (sparse_caffe.inside.tune_runner)
     plan = (measure_plan(caffe, net, layers, feeds, spec, results)
             if len(paths) > 1 and spec.get("plan", True) else None)
-    reference, dense_inputs, predictions = {}, {}, {}
+    reference, dense_inputs, predictions, alone_reference = {}, {}, {}, {}
     for path in paths:  # correctness against dense on the first batch, top-1 over every image
         use(path)
         forward(feeds[0])
         outputs = {name: net.blobs[net.top_names[name][0]].data.copy() for name in layers}
+        last = net.blobs[output_blob].data.copy()
         if path == paths[0]:
             reference = outputs
             dense_inputs = {name: net.blobs[net.bottom_names[name][0]].data.copy()
                             for name in layers}
+            dense_last = last
+        # Each layer alone on dense's input: its own difference from dense. Through the whole
+        # net the differences of the layers before it add up (a float rounding difference per
+        # layer reaches ~1e-4 of the largest value by ResNet-50's last convolutions on every
+        # path), so the chain's numbers are kept apart, for the record.
+        alone = layers_alone(net, layers, dense_inputs)
+        if path == paths[0]:
+            alone_reference = alone
         results[path]["max_rel_diff"] = {
+            name: relative_difference(alone[name], alone_reference[name]) for name in layers}
+        results[path]["chain_max_rel_diff"] = {
             name: relative_difference(outputs[name], reference[name]) for name in layers}
+        results[path]["output_max_rel_diff"] = relative_difference(last, dense_last)
         predictions[path] = top1_of(net, feeds, image_count, batch, output_blob)
     caffe.clear_conv_forward_paths()
     if hasattr(caffe, "set_fc_forward_path"):
@@ -324,6 +336,18 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
         if hasattr(caffe, "set_fc_forward_path"):
             caffe.clear_fc_forward_paths()
     return {"paths": results, "plan": plan, "reference": reference, "dense_inputs": dense_inputs}
+
+
+def layers_alone(net, layers, inputs):
+    """Each of `layers` run alone (net._forward of that layer only) on inputs[layer] copied into
+    its bottom: {layer: its top, copied}."""
+    index = {name: i for i, name in enumerate(net._layer_names)}
+    outputs = {}
+    for name in layers:
+        net.blobs[net.bottom_names[name][0]].data[...] = inputs[name]
+        net._forward(index[name], index[name])
+        outputs[name] = net.blobs[net.top_names[name][0]].data.copy()
+    return outputs
 
 
 # auto's calibration must end within this many warm-up forwards (it takes (timed rounds + 1) x
