@@ -105,7 +105,7 @@ def spec_for(options: TuneOptions) -> dict:
     bench_options = options.bench_options()
     return {**asdict(bench_options), "paths": list(bench_options.paths),
             "images": bench_options.image_source, "cache_dir": str(cache_dir()),
-            "plan": False}  # measure_paths() does not choose: tune_runner does, and times its plan
+            "auto_path": bench.AUTO_PATH}  # tune_runner keeps what this path chooses
 
 
 def pycaffe_run(build: Build, spec: dict, threads: int, key_only: bool, folder: Path) -> dict:

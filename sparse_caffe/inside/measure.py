@@ -294,9 +294,7 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
             name for name, choice in after.items()
             if choice["state"] != "decided" or (choice["forwards"] > 0 and choice["replans"] !=
                                                 results[auto_path]["auto"]["choices"][name]["replans"]))
-    # spec["plan"] False: the caller chooses and times its own plan (sparse_caffe.inside.tune_runner)
-    plan = (measure_plan(caffe, net, layers, feeds, spec, results)
-            if len(paths) > 1 and spec.get("plan", True) else None)
+    plan = measure_plan(caffe, net, layers, feeds, spec, results) if len(paths) > 1 else None
     reference, dense_inputs, predictions, alone_reference = {}, {}, {}, {}
     for path in paths:  # correctness against dense on the first batch, top-1 over every image
         use(path)

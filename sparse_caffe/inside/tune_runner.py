@@ -32,8 +32,8 @@ def auto_plan(caffe, net, feeds, spec) -> dict:
     "replans"}}."""
     caffe.clear_conv_forward_paths()
     caffe.clear_fc_forward_paths()
-    caffe.set_conv_forward_path(AUTO)
-    caffe.set_fc_forward_path(AUTO)
+    caffe.set_conv_forward_path(spec["auto_path"])
+    caffe.set_fc_forward_path(spec["auto_path"])
 
     def forward(feed):
         net.blobs["data"].data[...] = feed
@@ -44,9 +44,6 @@ def auto_plan(caffe, net, feeds, spec) -> dict:
     tuned = set(tuned_layers(net))
     return {name: dict(choice, candidate=candidate_name(choice))
             for name, choice in calibrated["choices"].items() if name in tuned}
-
-
-AUTO = "auto"
 
 
 def candidate_name(choice: dict) -> str:

@@ -248,12 +248,8 @@ def fold_batchnorm(net_param_text: str, weights: dict[str, list[np.ndarray]],
                 conv.convolution_param.bias_term = True
                 conv.top[0] = layers[bn if scale is None else scale].top[0]
                 layers = [layer for j, layer in enumerate(layers) if j not in (bn, scale)]
-        if fuse_relu:
-            relu = _sole_reader(layers, i)
-            if relu is not None and _fusable_relu(layers[relu]) and _rewirable(layers, i, relu):
-                conv.convolution_param.fused_relu = True
-                conv.top[0] = layers[relu].top[0]
-                del layers[relu]
+        if fuse_relu and _absorb_relu(layers, i):
+            conv.convolution_param.fused_relu = True
         i += 1
     if fuse_relu:
         layers = _fuse_sum_relus(layers)
@@ -267,15 +263,22 @@ def _fuse_sum_relus(layers: list) -> list:
     `eltwise_param { fused_relu: true }` (our patched Caffe), as ResNet's resNx -> resNx_relu."""
     i = 0
     while i < len(layers):
-        layer = layers[i]
-        if _fusable_sum(layer):
-            relu = _sole_reader(layers, i)
-            if relu is not None and _fusable_relu(layers[relu]) and _rewirable(layers, i, relu):
-                layer.eltwise_param.fused_relu = True
-                layer.top[0] = layers[relu].top[0]
-                del layers[relu]
+        if _fusable_sum(layers[i]) and _absorb_relu(layers, i):
+            layers[i].eltwise_param.fused_relu = True
         i += 1
     return layers
+
+
+def _absorb_relu(layers: list, i: int) -> bool:
+    """If a ReLU (negative_slope 0) is the only reader of layer i's output and i can write its
+    top instead, remove it from `layers` and rewire i's top; True when it did (the caller marks
+    layer i's fused_relu)."""
+    relu = _sole_reader(layers, i)
+    if relu is None or not _fusable_relu(layers[relu]) or not _rewirable(layers, i, relu):
+        return False
+    layers[i].top[0] = layers[relu].top[0]
+    del layers[relu]
+    return True
 
 
 def _readers(layers) -> dict[int, list[int]]:
