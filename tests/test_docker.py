@@ -19,11 +19,11 @@ from docker.utils.build import match_tag
 from sparse_caffe.host import docker_route
 from sparse_caffe.models import images
 from sparse_caffe.inside import measure
-from sparse_caffe.patching import render
+from sparse_caffe.patching import series
 from sparse_caffe.patching.build import GTEST_SUITES, MAKE_TARGETS, MKL_REQUIREMENT
 from sparse_caffe.patching.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, CaffePin
 from sparse_caffe.errors import UserError
-from sparse_caffe.patching.source import tree_sha256
+from sparse_caffe.patching.series import tree_sha256
 
 from .conftest import UPSTREAM, make_tarball, make_tree
 from .test_cli import assert_one_error_line
@@ -33,13 +33,19 @@ PREPARE = PROJECT_ROOT / "docker" / "prepare_caffe.py"
 BIN = Path(sys.executable).parent
 
 
-def load_prepare():
-    """docker/prepare_caffe.py as a module (it is a script inside the image)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prepare_caffe", PREPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def image_prepare_folder(folder: Path) -> Path:
+    """/opt/sparse-caffe as the image has it when prepare_caffe.py runs: the Python files the
+    Dockerfile copies before that RUN, where it copies them (docker/ -> ., the package as is)."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    before = text[:text.index("python3 prepare_caffe.py")]
+    for line in before.splitlines():
+        if line.startswith("COPY "):
+            for name in line.split()[1:-1]:
+                if name.endswith(".py"):
+                    target = folder / (name[len("docker/"):] if name.startswith("docker/") else name)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes((PROJECT_ROOT / name).read_bytes())
+    return folder
 
 
 def dockerfile_args() -> dict[str, str]:
@@ -106,7 +112,7 @@ def test_dockerfile_pins_are_the_projects():
 
 def test_image_tag_names_the_patch_series():
     tag = docker_route.image_tag()
-    assert tag == f"sparse-caffe:{render.series_sha256()[:12]}" and match_tag(tag)
+    assert tag == f"sparse-caffe:{series.series_sha256(PATCHES_DIR)[:12]}" and match_tag(tag)
     assert docker_route.image_tag("mkl") == tag + "-mkl" and match_tag(tag + "-mkl")
 
 
@@ -114,10 +120,11 @@ def test_image_tag_names_the_patch_series():
 
 def test_build_context_is_what_the_dockerfile_copies():
     files = context_files()
-    series = [p.relative_to(PROJECT_ROOT).as_posix() for p in render.series_files()]
+    patches = [p.relative_to(PROJECT_ROOT).as_posix() for p in series.series_files(PATCHES_DIR)]
     expected = {".dockerignore", "docker/Dockerfile", "docker/prepare_caffe.py", "patches/series",
-                *series, "sparse_caffe/__init__.py", "sparse_caffe/errors.py", "sparse_caffe/files.py",
-                "sparse_caffe/terminal.py",
+                *patches, "sparse_caffe/__init__.py", "sparse_caffe/errors.py", "sparse_caffe/files.py",
+                "sparse_caffe/terminal.py", "sparse_caffe/patching/__init__.py",
+                "sparse_caffe/patching/series.py",
                 "sparse_caffe/inside/__init__.py", "sparse_caffe/inside/measure.py",
                 "sparse_caffe/models/__init__.py", "sparse_caffe/models/net_layers.py"}
     assert set(files) == expected
@@ -185,6 +192,10 @@ def test_code_in_the_image_imports_only_what_the_image_has():
                     target = base.relative_to(PROJECT_ROOT).as_posix()
                     assert f"{target}.py" in shipped or f"{target}/__init__.py" in shipped, \
                         (path.name, node.module)
+                elif node.module.startswith("sparse_caffe."):  # absolute, as prepare_caffe.py's
+                    target = node.module.replace(".", "/")
+                    assert f"{target}.py" in shipped or f"{target}/__init__.py" in shipped, \
+                        (path.name, node.module)
                 else:
                     assert node.module.split(".")[0] in allowed, (path.name, node.module)
 
@@ -211,19 +222,36 @@ def test_measure_feeds_the_batches_the_host_would(count, batch, feeds):
 
 # ----------------------------------------------------------------------------- the image's source checks
 
-def test_prepare_caffe_hashes_like_the_package(tmp_path):
-    prepare = load_prepare()
+def test_prepare_caffe_has_no_twin_of_the_package_hashing():
+    """The image verifies and patches Caffe with the package's own functions, not copies."""
+    tree = ast.parse(PREPARE.read_text())
+    defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    assert not defined & {"tree_sha256", "series_sha256", "series_files", "apply_series",
+                          "content_root", "_walk"}, defined
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    assert "hashlib" not in imported and "subprocess" not in imported
+    shared = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+              and node.module == "sparse_caffe.patching.series" for alias in node.names}
+    assert {"tree_sha256", "series_sha256", "apply_series"} <= shared
+
+
+def test_tree_hash_sees_kinds_links_and_nested_git(tmp_path):
     tree = make_tree(tmp_path / "t" / "caffe-top", {**UPSTREAM, "nested/.git/config": "kept\n"})
     (tree / "tool.sh").write_text("#!/bin/sh\n")
     (tree / "tool.sh").chmod(0o755)
     (tree / "link-to-file").symlink_to("README.md")
     (tree / "link-to-dir").symlink_to("src")
-    (tmp_path / "t" / ".git").mkdir()  # a top-level .git is looked past, as in source.py
-    assert prepare.tree_sha256(str(tmp_path / "t")) == tree_sha256(tmp_path / "t")
-    assert prepare.tree_sha256(str(tree)) == tree_sha256(tree)
+    (tmp_path / "t" / ".git").mkdir()  # a top-level .git is looked past
+    executable = tree_sha256(tmp_path / "t")
+    assert executable == tree_sha256(tree) == tree_sha256(str(tree))
     (tree / "tool.sh").chmod(0o644)  # the kind enters the hash
-    assert prepare.tree_sha256(str(tree)) == tree_sha256(tree)
-    assert prepare.series_sha256(str(PATCHES_DIR)) == render.series_sha256()
+    assert tree_sha256(tree) != executable
+    (tree / "nested/.git/config").write_text("changed\n")  # a nested .git is content
+    before = tree_sha256(tree)
+    (tree / "link-to-dir").unlink()
+    (tree / "link-to-dir").symlink_to("nested")  # a link's target enters it
+    assert tree_sha256(tree) != before
 
 
 def small_series(folder: Path, upstream: Path) -> Path:
@@ -240,11 +268,15 @@ def small_series(folder: Path, upstream: Path) -> Path:
 
 
 def run_prepare(tmp_path, tarball, pin_hash, patches):
-    return subprocess.run([sys.executable, str(PREPARE), "--tarball", str(tarball),
+    """prepare_caffe.py run as the image runs it: from a folder holding only what the Dockerfile
+    copied by then (-E: PYTHONPATH ignored; the script's folder comes first on sys.path)."""
+    folder = image_prepare_folder(tmp_path / "opt-sparse-caffe")
+    return subprocess.run([sys.executable, "-E", str(folder / "prepare_caffe.py"),
+                           "--tarball", str(tarball),
                            "--dest", str(tmp_path / "caffe"), "--commit", CAFFE.commit,
                            "--tree-sha256", pin_hash, "--patches", str(patches),
                            "--info", str(tmp_path / "image.json"), "--base-image", "ubuntu:18.04@x"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tmp_path)
 
 
 def test_prepare_caffe_verifies_patches_and_records(tmp_path, upstream):
@@ -256,11 +288,11 @@ def test_prepare_caffe_verifies_patches_and_records(tmp_path, upstream):
     assert done.returncode == 0, done.stderr
     assert "return 2;" in (tmp_path / "caffe" / "src/caffe/util/io.cpp").read_text()
     native = make_tree(tmp_path / "native", UPSTREAM)
-    render.apply_series(native, patches)  # what the native build does
+    series.apply_series(native, patches, log=tmp_path / "native.log")  # as the native build does
     assert tree_sha256(native) == tree_sha256(tmp_path / "caffe")
     record = json.loads((tmp_path / "image.json").read_text())
     assert record["caffe_tree_sha256"] == pin.tree_sha256
-    assert record["patch_series_sha256"] == render.series_sha256(patches)
+    assert record["patch_series_sha256"] == series.series_sha256(patches)
     assert record["patches"] == ["0001-two.patch"] and record["blas"] == "openblas"
 
 

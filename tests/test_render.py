@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from sparse_caffe.patching import render
-from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG, PATCH_SERIES, PatchSpec
+from sparse_caffe.patching import render, series
+from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG, PATCH_SERIES, PATCHES_DIR, PatchSpec
 from sparse_caffe.errors import UserError
 from sparse_caffe.patching.source import ensure_source
 
@@ -47,7 +47,7 @@ def test_patches_apply_and_give_the_rendered_files(tmp_path, upstream, templates
     do_render(upstream, out, templates)
     tree = tmp_path / "tree"
     shutil.copytree(upstream, tree)
-    render.apply_series(tree, out)
+    series.apply_series(tree, out)
     for spec in SERIES:
         for path in spec.files:
             expected = render.render_file(path, spec, upstream, CONV_TEMPLATE_CONFIG, templates)
@@ -86,9 +86,9 @@ def test_check_catches_a_template_change_and_a_stale_patch(tmp_path, upstream, t
 def test_series_hash_follows_content_and_order(tmp_path, upstream, templates):
     out = tmp_path / "patches"
     do_render(upstream, out, templates)
-    before = render.series_sha256(out)
+    before = series.series_sha256(out)
     (out / "series").write_text("0002-new-and-edit.patch\n0001-fix-io.patch\n")
-    assert render.series_sha256(out) != before
+    assert series.series_sha256(out) != before
 
 
 @pytest.mark.parametrize("problem", ["orphan", "both", "whole-upstream", "numbering"])
@@ -115,7 +115,7 @@ def test_a_patch_that_does_not_apply_is_one_clear_error(tmp_path, upstream, temp
     do_render(upstream, out, templates)
     (upstream / "src/caffe/util/io.cpp").write_text("changed upstream\n")
     with pytest.raises(UserError, match="0001-fix-io.patch does not apply"):
-        render.apply_series(upstream, out)
+        series.apply_series(upstream, out)
 
 
 def test_committed_series_matches_templates_on_the_pinned_caffe():
@@ -128,7 +128,7 @@ def test_committed_series_applies_to_both_source_variants(tmp_path):
     for variant in (False, True):
         tree = tmp_path / f"tree-{variant}"
         shutil.copytree(ensure_source(debian_patches=variant).path, tree, symlinks=True)
-        render.apply_series(tree)
+        series.apply_series(tree, PATCHES_DIR)
         assert "ConvProfile" in (tree / "src/caffe/layers/base_conv_layer.cpp").read_text()
 
 
@@ -141,16 +141,16 @@ def test_every_series_file_is_a_real_template():
 def test_a_later_patch_layers_its_edits_on_an_earlier_patchs_file(tmp_path, upstream, templates):
     """A file two patches change: the later one's <path>.<slug>.edit.j2 edits the earlier result."""
     layered = PatchSpec(3, "more-io", "Edit io.cpp again.", ("src/caffe/util/io.cpp",))
-    series = SERIES + (layered,)
+    specs = SERIES + (layered,)
     with pytest.raises(UserError, match="io.cpp.more-io.edit.j2, which is missing"):
-        do_render(upstream, tmp_path / "patches", templates, series)
+        do_render(upstream, tmp_path / "patches", templates, specs)
     (templates / "src/caffe/util/io.cpp.more-io.edit.j2").write_text(
         "//@ after:   return 2;\n  // patched twice\n")
     out = tmp_path / "patches"
-    do_render(upstream, out, templates, series)
+    do_render(upstream, out, templates, specs)
     tree = tmp_path / "tree"
     shutil.copytree(upstream, tree)
-    render.apply_series(tree, out)
+    series.apply_series(tree, out)
     text = (tree / "src/caffe/util/io.cpp").read_text()
     assert "  return 2;\n  // patched twice\n" in text
     assert text.startswith("// @generated from templates/src/caffe/util/io.cpp.edit.j2 and "

@@ -24,12 +24,12 @@ from .. import machine
 from . import docker_route, report
 from ..inside import measure
 from ..models import memory, nets
-from ..patching import render
+from ..patching import series
 from . import run as run_stage
 from ..patching.build import Build
 from ..patching.requirements import requirement
-from ..patching.config import (CAFFE, CONV_TEMPLATE_CONFIG, PROJECT_ROOT, BuildOptions, cache_dir,
-                               results_dir, user_path, writable_folder)
+from ..patching.config import (CAFFE, CONV_TEMPLATE_CONFIG, PATCHES_DIR, PROJECT_ROOT, BuildOptions,
+                               cache_dir, results_dir, user_path, writable_folder)
 from ..errors import UserError
 
 # The paths the build has, dense first, then auto (each layer on the path its calibration chose).
@@ -144,7 +144,7 @@ def software_info(build: Build) -> dict:
     inputs = build.inputs
     return {**project_info(),
             "caffe_commit": CAFFE.commit, "caffe_source": inputs["source"],
-            "patch_series_sha256": render.series_sha256(), "blas": inputs["blas"],
+            "patch_series_sha256": series.series_sha256(PATCHES_DIR), "blas": inputs["blas"],
             "mkl": inputs.get("mkl"), "compiler": f"g++ {inputs['compiler']}",
             "python": inputs["python"], "build": str(build.root)}
 

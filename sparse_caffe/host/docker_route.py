@@ -20,9 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..patching import render
+from ..patching import series
 from ..patching.build import GTEST_SUITES, MKL_REQUIREMENT
-from ..patching.config import CAFFE, PROJECT_ROOT, BuildOptions, cache_dir
+from ..patching.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, cache_dir
 from ..errors import UserError
 from ..inside.measure import ERROR_FILE
 from .run import thread_env
@@ -31,7 +31,7 @@ from ..terminal import say
 IMAGE_REPOSITORY = "sparse-caffe"
 DOCKERFILE = "docker/Dockerfile"  # inside the build context
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
-# Far above what the context holds (the Dockerfile, one script, the patches, eight modules):
+# Far above what the context holds (the Dockerfile, one script, the patches, ten modules):
 # anything near it means a build tree or a results folder slipped in.
 MAX_CONTEXT_BYTES = 1 << 20
 # Inside the image (docker/Dockerfile).
@@ -62,7 +62,7 @@ class Image:
 def image_tag(blas: str = "openblas") -> str:
     """The tag of the image of this checkout's patch series."""
     suffix = "" if blas == "openblas" else f"-{blas}"
-    return f"{IMAGE_REPOSITORY}:{render.series_sha256()[:12]}{suffix}"
+    return f"{IMAGE_REPOSITORY}:{series.series_sha256(PATCHES_DIR)[:12]}{suffix}"
 
 
 def build_args(options: BuildOptions) -> dict[str, str]:

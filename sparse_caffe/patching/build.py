@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache, render
-from .config import PROJECT_ROOT, BuildOptions, cache_dir
+from . import cache, series
+from .config import PATCHES_DIR, PROJECT_ROOT, BuildOptions, cache_dir
 from ..errors import UserError
 from .requirements import requirement
 from ..shell import run_logged, step
@@ -164,7 +164,7 @@ def build_inputs(source: SourceTree, options: BuildOptions, python: dict) -> dic
     return {
         "recipe": RECIPE_VERSION,
         "source": source.identity,
-        "patch_series_sha256": render.series_sha256(),
+        "patch_series_sha256": series.series_sha256(PATCHES_DIR),
         "blas": options.blas,
         "mkl": mkl_version() if options.blas == "mkl" else None,
         "python": {k: python[k] for k in ("executable", "version", "numpy", "protobuf")},
@@ -239,8 +239,8 @@ def prepare_tree(source: SourceTree, root: Path, log: Path) -> None:
     staging = root / "src.partial"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source.path, staging, symlinks=True)
-    render.apply_series(staging, log=log)
-    (staging / ".sparse-caffe-patched").write_text(render.series_sha256() + "\n")
+    series.apply_series(staging, PATCHES_DIR, log=log)
+    (staging / ".sparse-caffe-patched").write_text(series.series_sha256(PATCHES_DIR) + "\n")
     staging.rename(root / "src")
 
 

@@ -6,7 +6,6 @@ Deterministic: no dates, no machine facts; a file is rewritten only when its con
 from __future__ import annotations
 
 import difflib
-import hashlib
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -15,9 +14,8 @@ from pathlib import Path
 from .config import (CAFFE, CONV_TEMPLATE_CONFIG, PATCH_SERIES, PATCHES_DIR, RENDER_COMMAND,
                      TEMPLATES_DIR, ConvTemplateConfig, PatchSpec)
 from ..errors import UserError
+from .series import SERIES_FILE
 from .templating import TemplateError, apply_edits, generated_header, parse_edits, render
-
-SERIES_FILE = "series"
 
 
 def template_for(path: str, templates_dir: Path = TEMPLATES_DIR,
@@ -189,30 +187,3 @@ def check(pristine: Path, committed: Path = PATCHES_DIR, **kwargs) -> None:
                         + "\n".join(problems))
 
 
-def series_files(patches_dir: Path = PATCHES_DIR) -> list[Path]:
-    series = patches_dir / SERIES_FILE
-    if not series.is_file():
-        raise UserError(f"{series} is missing; run ./inv render")
-    return [patches_dir / line.strip() for line in series.read_text().splitlines() if line.strip()]
-
-
-def series_sha256(patches_dir: Path = PATCHES_DIR) -> str:
-    """Hash of the series as applied: order and every patch's bytes."""
-    digest = hashlib.sha256()
-    for patch in series_files(patches_dir):
-        digest.update(f"{patch.name}\n".encode())
-        digest.update(hashlib.sha256(patch.read_bytes()).hexdigest().encode())
-    return digest.hexdigest()
-
-
-def apply_series(tree: Path, patches_dir: Path = PATCHES_DIR, log: Path | None = None) -> None:
-    """Apply the series in order with no fuzz; a patch that does not apply is one clear error."""
-    for patch in series_files(patches_dir):
-        result = subprocess.run(["patch", "-p1", "--batch", "--forward", "--fuzz=0", "-i", str(patch)],
-                                cwd=tree, capture_output=True, text=True)
-        if log is not None:
-            with open(log, "a") as out:
-                out.write(f"$ patch -p1 --fuzz=0 -i {patch}\n{result.stdout}{result.stderr}")
-        if result.returncode != 0:
-            raise UserError(f"{patch.name} does not apply to {tree}: "
-                            f"{(result.stdout + result.stderr).strip().splitlines()[-1]}")

@@ -11,7 +11,6 @@ routes then apply Debian's own patch series on top, as dpkg-source would.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from . import cache
 from .config import CAFFE, CaffePin, user_path
+from .series import content_root, tree_sha256
 from ..errors import UserError
 from ..files import atomic_path, file_sha256
 from ..shell import run_logged
@@ -47,41 +47,6 @@ class SourceTree:
     @property
     def identity(self) -> str:
         return f"{self.tree_sha256}+{self.debian_patches}"
-
-
-def tree_sha256(root: Path) -> str:
-    """Hash of a tree's contents: every file's relative path, kind (file/executable/link), content.
-
-    Tarball timestamps, owners and compression do not enter it; a single top-level folder (as in
-    GitHub's tarball) is looked through, so Debian's and GitHub's tarballs of one commit hash alike.
-    """
-    root = content_root(root)
-    digest = hashlib.sha256()
-    for path in sorted(_walk(root), key=lambda p: p.relative_to(root).as_posix()):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            kind, data = "l", os.readlink(path).encode()
-        else:
-            kind, data = ("x" if path.stat().st_mode & 0o111 else "f"), path.read_bytes()
-        digest.update(f"{kind} {hashlib.sha256(data).hexdigest()} {rel}\n".encode())
-    return digest.hexdigest()
-
-
-def _walk(root: Path):
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != ".git" or Path(dirpath) != root]
-        for name in dirnames:
-            if (Path(dirpath) / name).is_symlink():
-                yield Path(dirpath) / name
-        for name in filenames:
-            yield Path(dirpath) / name
-
-
-def content_root(root: Path) -> Path:
-    entries = [e for e in root.iterdir() if e.name != ".git"]
-    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
-        return entries[0]
-    return root
 
 
 def ensure_source(caffe_source: str | None = None, *, debian_patches: bool = True,
