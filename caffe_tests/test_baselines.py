@@ -185,7 +185,8 @@ def test_whole_net_baselines_agree_with_caffe_on_the_benchmark_nets(caffe, net_n
         assert variant["agrees"] and variant["top1_differs"] == 0, (name, variant)
         assert variant["max_rel_diff"] <= measure.AGREEMENT_TOLERANCE
         assert len(variant["times_ms"]) == 2 and min(variant["times_ms"]) > 0
-    assert len(raw["caffe"]["dense"]["times_ms"]) == 2
+        assert len(variant["back_to_back_ms"]) == 2 and min(variant["back_to_back_ms"]) > 0
+    assert len(raw["caffe"]["dense"]["times_ms"]) == len(raw["caffe"]["dense"]["back_to_back_ms"]) == 2
     assert len(raw["openmp_runtimes"]) == 1  # PyTorch shares Caffe's libgomp
 
 

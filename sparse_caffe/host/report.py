@@ -171,56 +171,79 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
     return layers, net, problems
 
 
+# The two timed forwards of each row in the baselines' rounds (sparse_caffe.inside.baselines):
+# the first after the settling pause, and the second right after it.
+BASELINE_REGIMES = (("after idle", "times_ms", "stats"),
+                    ("back to back", "back_to_back_ms", "back_to_back_stats"))
+
+
 def derive_baselines(raw: dict | None, tolerance: float) -> tuple[dict | None, list[str]]:
     """The whole-net baselines' results (sparse_caffe.inside.baselines measured them): per variant and
-    per Caffe configuration timed in the same rounds, statistics; per framework the fastest
-    variant by median among those that agree with Caffe's dense; and each Caffe configuration's
-    speedup over each framework's fastest (its median / ours, with the round-by-round ratios).
-    A variant that disagrees with Caffe is a problem and never the baseline."""
+    per Caffe configuration timed in the same rounds, statistics of both timed forwards; per
+    framework the fastest variant by median among those that agree with Caffe's dense; and each
+    Caffe configuration's speedup over each framework's fastest (its median / ours, with the
+    round-by-round ratios), after idle (fastest, speedups) and back to back (back_to_back: the
+    same two, from runs that timed it). A variant that disagrees with Caffe is a problem and
+    never the baseline."""
     if not raw:
         return None, []
+    regimes = [r for r in BASELINE_REGIMES
+               if all(r[1] in row for row in raw["caffe"].values())]
     problems = []
     variants = {}
     for name, record in raw["variants"].items():
         entry = dict(record)
         if "skipped" not in record:
-            entry["stats"] = stats(record["times_ms"])
+            for _, times, stats_key in regimes:
+                entry[stats_key] = stats(record[times])
             if record["max_rel_diff"] > tolerance or record["top1_differs"]:
                 entry["agrees"] = False
                 problems.append(f"whole net in {name}: its output differs from Caffe's dense by "
                                 f"{record['max_rel_diff']:.1e} of the largest value, top-1 on "
                                 f"{record['top1_differs']} of {record['images']} images")
         variants[name] = entry
-    caffe = {name: {"times_ms": row["times_ms"], "stats": stats(row["times_ms"])}
+    caffe = {name: {k: v for _, times, stats_key in regimes
+                    for k, v in ((times, row[times]), (stats_key, stats(row[times])))}
              for name, row in raw["caffe"].items()}
-    fastest = {}
-    for framework in ("pytorch", "onnxruntime"):
-        timed = [n for n, v in variants.items() if v["framework"] == framework and "stats" in v
-                 and v["agrees"]]
-        fastest[framework] = min(timed, key=lambda n: variants[n]["stats"]["median"]) if timed else None
-    ratios = {}
-    for ours, row in caffe.items():
-        ratios[ours] = {}
-        for framework, name in fastest.items():
-            if name is None:
-                continue
-            theirs = variants[name]
-            ratios[ours][framework] = {
-                "baseline": name,
-                "speedup": theirs["stats"]["median"] / row["stats"]["median"],
-                "speedup_per_round": round_ratios(theirs["times_ms"], row["times_ms"])}
-    return {**{k: v for k, v in raw.items() if k not in ("variants", "caffe")},
-            "variants": variants, "caffe": caffe, "fastest": fastest, "speedups": ratios,
-            "rule": "per framework, the variant with the lowest median whole-net time among "
-                    "those agreeing with Caffe's dense is the baseline; speedups: the "
-                    "baseline's median over the Caffe configuration's, from the same rounds"}, problems
+    compared = {}
+    for regime, times, stats_key in regimes:
+        fastest = {}
+        for framework in ("pytorch", "onnxruntime"):
+            timed = [n for n, v in variants.items() if v["framework"] == framework
+                     and stats_key in v and v["agrees"]]
+            fastest[framework] = (min(timed, key=lambda n: variants[n][stats_key]["median"])
+                                  if timed else None)
+        ratios = {}
+        for ours, row in caffe.items():
+            ratios[ours] = {}
+            for framework, name in fastest.items():
+                if name is None:
+                    continue
+                theirs = variants[name]
+                ratios[ours][framework] = {
+                    "baseline": name,
+                    "speedup": theirs[stats_key]["median"] / row[stats_key]["median"],
+                    "speedup_per_round": round_ratios(theirs[times], row[times])}
+        compared[regime] = {"fastest": fastest, "speedups": ratios}
+    result = {**{k: v for k, v in raw.items() if k not in ("variants", "caffe")},
+              "variants": variants, "caffe": caffe, **compared["after idle"],
+              "rule": "per framework, the variant with the lowest median whole-net time among "
+                      "those agreeing with Caffe's dense is the baseline; speedups: the "
+                      "baseline's median over the Caffe configuration's, from the same rounds; "
+                      "fastest and speedups time each row's first forward after the settling "
+                      "pause, back_to_back its second, right after the first"}
+    if "back to back" in compared:
+        result["back_to_back"] = compared["back to back"]
+    return result, problems
 
 
 def baselines_table(baselines: dict) -> list[str]:
     """The whole-net baselines block of the terminal table."""
     caffe, variants = baselines["caffe"], baselines["variants"]
     ours = list(caffe)
+    both = "back_to_back" in baselines
     head = (f"{'whole net, same rounds':<32}{'median ms':>10}{'min ms':>9}"
+            + (f"{'b2b med':>9}" if both else "")
             + "".join(f"{o + ' is':>12}" for o in ours))
     lines = [head]
     rows = [(f"caffe {n}", r) for n, r in caffe.items()] + list(variants.items())
@@ -230,24 +253,30 @@ def baselines_table(baselines: dict) -> list[str]:
             continue
         mark = "" if row.get("agrees", True) else " !"
         lines.append(f"{name[:31]:<32}{row['stats']['median']:10.2f}{row['stats']['min']:9.2f}"
+                     + (f"{row['back_to_back_stats']['median']:9.2f}" if both else "")
                      + "".join(f"{row['stats']['median'] / caffe[o]['stats']['median']:11.2f}x"
                                for o in ours) + mark)
-    for framework, label in (("pytorch", "PyTorch"), ("onnxruntime", "ONNX Runtime")):
-        name = baselines["fastest"].get(framework)
-        if name is None:
-            lines.append(f"{label}: no variant agrees with Caffe's dense: no baseline")
-            continue
-        parts = []
-        for o in ours:
-            r = baselines["speedups"][o][framework]
-            q = r["speedup_per_round"]
-            parts.append(f"{o} {r['speedup']:.2f}x ({q['q1']:.2f}-{q['q3']:.2f})")
-        lines.append(f"{label} baseline: {name}; Caffe's speedup over it (round quartiles): "
-                     + ", ".join(parts))
-    lines.append("whole net, same rounds: every row timed once per round, in rotated order; "
-                 "'<caffe row> is': how many times faster Caffe's whole forward in that "
-                 "configuration is than the row (median over median); '!' = disagrees with "
-                 "Caffe's dense, never the baseline")
+    regimes = [("after idle", baselines)] + ([("back to back", baselines["back_to_back"])]
+                                             if both else [])
+    for regime, compared in regimes:
+        for framework, label in (("pytorch", "PyTorch"), ("onnxruntime", "ONNX Runtime")):
+            name = compared["fastest"].get(framework)
+            if name is None:
+                lines.append(f"{label}: no variant agrees with Caffe's dense: no baseline")
+                continue
+            parts = []
+            for o in ours:
+                r = compared["speedups"][o][framework]
+                q = r["speedup_per_round"]
+                parts.append(f"{o} {r['speedup']:.2f}x ({q['q1']:.2f}-{q['q3']:.2f})")
+            lines.append(f"{label} baseline ({regime}): {name}; Caffe's speedup over it (round "
+                         "quartiles): " + ", ".join(parts))
+    lines.append("whole net, same rounds: every row timed once per round, in rotated order, "
+                 "after a pause (median, min, and '<caffe row> is': how many times faster "
+                 "Caffe's whole forward in that configuration is than the row, median over "
+                 "median)" + ("; b2b: the same row's second forward, right after the first"
+                              if both else "")
+                 + "; '!' = disagrees with Caffe's dense, never the baseline")
     return lines
 
 

@@ -16,8 +16,11 @@ blob's largest difference relative to its largest value, and top-1 on every imag
 timed. Then, after warm-up (and auto's calibration again: see recalibrate_auto), `repeats`
 rounds: each round runs Caffe's whole-net configurations
 (dense, the per-layer plan, ...) and every variant once, in an order rotated by one per round;
-before each timed forward the process sleeps SETTLE_S, so that the spinning threads of the last
-framework's pool (each framework has its own) have gone to sleep and do not steal the cores.
+before each row the process sleeps SETTLE_S, so that the spinning threads of the last framework's
+pool (each framework has its own) have gone to sleep and do not steal the cores. Each row then
+runs two forwards, both timed: the first after that pause ("after idle": times_ms; the row's
+weights are out of the caches and its threads asleep, as for a request after a quiet spell), the
+second right after it ("back to back": back_to_back_ms; as in a loop over a stream of inputs).
 """
 from __future__ import annotations
 
@@ -177,7 +180,7 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
     model = torch_net.build(net_text, net, caffe.proto.caffe_pb2)
     result = {"torch_version": torch.__version__, "threads": threads, "batch": batch,
               "settle_s": SETTLE_S, "output_blob": net.outputs[-1], "variants": {},
-              "caffe": {name: {"times_ms": []} for name in caffe_rows},
+              "caffe": {name: {"times_ms": [], "back_to_back_ms": []} for name in caffe_rows},
               "round_order": [], "check_images": image_count}
     runs = {}
     tensors = {}
@@ -215,7 +218,7 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
                 continue
             record.update(facts, setup_s=time.perf_counter() - start,
                           **agreement(outputs, reference, batch, image_count))
-            record["times_ms"] = []
+            record["times_ms"], record["back_to_back_ms"] = [], []
             result["variants"][name] = record
             runs[name] = (run, take)
             say(f"[baselines] {name}: ready in {record['setup_s']:.1f} s; largest difference "
@@ -224,19 +227,21 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
         rows = [("caffe", name) for name in caffe_rows] + [("baseline", name) for name in runs]
 
         def forward(kind, name, feed):
+            """(after idle, back to back) ms: the row's two timed forwards after the pause."""
             if kind == "caffe":
                 caffe_rows[name]()
                 net.blobs["data"].data[...] = feed
-                time.sleep(SETTLE_S)
-                start = time.perf_counter()
-                net.forward()
+                run, x = (lambda _: net.forward()), None
             else:
                 run, take = runs[name]
                 x = take(feed)
-                time.sleep(SETTLE_S)
+            time.sleep(SETTLE_S)
+            times = []
+            for _ in range(2):
                 start = time.perf_counter()
                 run(x)
-            return (time.perf_counter() - start) * 1e3
+                times.append((time.perf_counter() - start) * 1e3)
+            return times
 
         for i in range(spec["warmup"]):
             for kind, name in rows:
@@ -247,9 +252,10 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
             order = [rows[(i + k) % len(rows)] for k in range(len(rows))]
             result["round_order"].append([name for _, name in order])
             for kind, name in order:
-                ms = forward(kind, name, feed)
+                after_idle, back_to_back = forward(kind, name, feed)
                 target = result["caffe"][name] if kind == "caffe" else result["variants"][name]
-                target["times_ms"].append(ms)
+                target["times_ms"].append(after_idle)
+                target["back_to_back_ms"].append(back_to_back)
             if i == 0 or (i + 1) % 5 == 0:
                 say(f"[baselines] round {i + 1} of {spec['repeats']}")
     caffe_rows["dense"]()
