@@ -278,7 +278,12 @@ def test_pytorch_side_by_side_baseline(tmp_path):
     assert whole["fastest"]["onnxruntime"] == "onnxruntime" and whole["fastest"]["pytorch"]
     assert whole["speedups"]["plan"]["onnxruntime"]["speedup"] == pytest.approx(
         whole["variants"]["onnxruntime"]["stats"]["median"] / whole["caffe"]["plan"]["stats"]["median"])
-    assert "PyTorch baseline: " in done.stdout and "ONNX Runtime baseline: onnxruntime" in done.stdout
+    for regime in ("after idle", "back to back"):
+        assert f"PyTorch baseline ({regime}): " in done.stdout
+        assert f"ONNX Runtime baseline ({regime}): onnxruntime" in done.stdout
+    assert whole["back_to_back"]["speedups"]["plan"]["onnxruntime"]["speedup"] == pytest.approx(
+        whole["variants"]["onnxruntime"]["back_to_back_stats"]["median"]
+        / whole["caffe"]["plan"]["back_to_back_stats"]["median"])
     assert not r["problems"] or not any("whole net in" in p for p in r["problems"])
 
 
