@@ -117,6 +117,10 @@ CASES = [
     # 1x1, stride 1, pad 0: Caffe multiplies the input directly, without im2col.
     Case("1x1-batch3", (3, 16, 5, 6), 8, dict(kernel_size=1)),
     Case("1x1-stride2", (2, 6, 7, 8), 4, dict(kernel_size=1, stride=2)),
+    # onednn runs a strided 1x1 without padding as a stride-1 one on a strided view of the input.
+    Case("1x1-stride-h2-w3-group2", (2, 4, 9, 11), 6, dict(kernel_size=1, stride_h=2, stride_w=3,
+                                                          group=2)),
+    Case("1x1-stride2-pad1", (1, 3, 6, 7), 4, dict(kernel_size=1, stride=2, pad=1)),
     Case("kernel-1x3", (1, 3, 6, 8), 4, dict(kernel_h=1, kernel_w=3, pad_h=0, pad_w=1)),
     Case("kernel-3x5-group2", (2, 4, 9, 11), 6,
          dict(kernel_h=3, kernel_w=5, stride_h=1, stride_w=2, pad_h=1, pad_w=2, group=2)),
