@@ -85,18 +85,25 @@ def test_a_reshaped_input_remakes_the_primitive(caffe, make_net, paths):
 
 
 @pytest.mark.parametrize("where", ["input", "weights"])
-def test_onednn_keeps_dense_non_finite_semantics(caffe, make_net, paths, where):
+@pytest.mark.parametrize("relu", [False, True], ids=["no-relu", "fused-relu"])
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, pad=1), dict(kernel_size=1),
+                                  dict(kernel_size=1, stride=2)], ids=["3x3", "1x1", "1x1-stride2"])
+def test_onednn_keeps_dense_non_finite_semantics(caffe, make_net, paths, where, relu, conv):
     """A NaN weight meets the padding's zeros in the GEMM (NaN there too); oneDNN skips padding,
-    so non-finite operands run dense: same NaN and Inf pattern as dense."""
-    net = make_net(conv_spec(caffe, "conv", (2, 4, 7, 8), 5, dict(kernel_size=3, pad=1)))
+    so non-finite weights run dense. A non-finite input goes through oneDNN's products as through
+    the GEMM's (zero weights included), but its ReLU post-op turns NaN into 0: with fused ReLU it
+    runs dense. Either way: the same NaN and Inf pattern as dense."""
+    net = make_net(conv_spec(caffe, "conv", (2, 4, 7, 8), 5, dict(conv, fused_relu=relu)))
     rng = np.random.default_rng(21)
     x, w, _ = load(net, rng)
     if where == "input":
-        x[0, 1, 3, 4] = np.nan
+        w.reshape(-1)[::3] = 0.0  # 0 x NaN and 0 x Inf are NaN in the GEMM: oneDNN must agree
+        x[0, 1, 2, 4] = np.nan
         x[1, 2, 0, 0] = np.inf
+        x[1, 3, 4, 6] = -np.inf
     else:
         w[1, 2, 0, 0] = np.nan
-        w[3, 0, 1, 1] = np.inf
+        w[3, 0, -1, -1] = np.inf
     net.params["conv"][0].data[...] = w
     net.blobs["data"].data[...] = x
     dense = forward_on(caffe, net, "dense")
