@@ -12,6 +12,7 @@ O(1) of their magnitude.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import numpy as np
@@ -145,6 +146,34 @@ def test_write_caffemodel_round_trips(caffe, tmp_path, conversion):
     for name, blobs in conversion.weights.items():
         for blob, array in zip(net.params[name], blobs):
             np.testing.assert_array_equal(blob.data, array)
+
+
+# sha256 of open_nsfw as converted at batch 1 (the prototxt, then each layer's name and its blobs'
+# shapes and bytes), unpruned and pruned to SkimCaffe's profile: what inside.prepare caches under
+# OPEN_NSFW_VERSION, and what every resnet50-1by2 result was measured on. Version 1 is the general
+# ONNX interpreter's output, which the pattern mapper reproduces bit for bit.
+CONVERSION_SHA256 = {1: ("d08ad4d8c30ee2338b6aee784d01b3ad7512a87063064110b8d770ed949d5bf6",
+                         "aa659aa5f1019e2d0a6cd6876ae53ea6816742136151b02a9d06e31bd8900033")}
+
+
+def conversion_sha256(text: str, weights: dict) -> str:
+    digest = hashlib.sha256(text.encode())
+    for name, blobs in weights.items():
+        digest.update(name.encode())
+        for blob in blobs:
+            digest.update(str(blob.shape).encode())
+            digest.update(np.ascontiguousarray(blob, np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def test_conversion_is_what_open_nsfw_version_names(caffe):
+    from sparse_caffe.inside.prepare import OPEN_NSFW_VERSION
+    text, weights = onnx_import.convert(batch=1)
+    pruned = onnx_import.prune_to_profile(weights, onnx_import.skimcaffe_resnet50_profile(text))
+    got = (conversion_sha256(text, weights), conversion_sha256(text, pruned))
+    assert got == CONVERSION_SHA256.get(OPEN_NSFW_VERSION), (
+        "the converted open_nsfw changed: bump OPEN_NSFW_VERSION in sparse_caffe/inside/prepare.py "
+        f"(cached .caffemodels are keyed by it) and record {got} here")
 
 
 def test_model_license_is_read_from_the_package():
