@@ -69,8 +69,8 @@ def test_json_schema(run_dir):
     assert set(plan["layers"]) == {layer["name"] for layer in r["layers"]}
     assert set(plan["layers"].values()) <= set(r["params"]["paths"])
     assert len(plan["times_ms"]) == len(plan["dense_times_ms"]) == 2
-    assert plan["speedup_vs_dense"] == pytest.approx(
-        statistics.median(plan["dense_times_ms"]) / statistics.median(plan["times_ms"]))
+    assert plan["speedup_vs_dense"] == pytest.approx(statistics.median(
+        [d / t for d, t in zip(plan["dense_times_ms"], plan["times_ms"])]))
     assert plan["top1_agreement"] == 1.0
     # auto: calibrated during the warm-up (none given: as long as it took), each timed layer's
     # choice and candidates recorded, the whole net's choices and calibration length with it.
@@ -108,11 +108,11 @@ def test_every_number_is_derived_from_measurements(run_dir, caffe):
             assert result["times_ms"] == pytest.approx([sum(v) for v in zip(*phases.values())])
             assert result["stats"]["median"] == pytest.approx(statistics.median(result["times_ms"]))
             assert result["stats"]["min"] == min(result["times_ms"]) > 0
-            assert result["speedup_vs_dense"] == pytest.approx(
-                dense["stats"]["median"] / result["stats"]["median"])
-            # paths timed side by side, round by round: ratios per round, then summarised
+            # paths timed side by side, round by round: ratios per round, then summarised; the
+            # speedup is their median
             per_round = [d / t for d, t in zip(dense["times_ms"], result["times_ms"])]
             assert result["speedup_per_round"]["median"] == pytest.approx(statistics.median(per_round))
+            assert result["speedup_vs_dense"] == result["speedup_per_round"]["median"]
             assert result["speedup_per_round"]["verdict"] in ("faster", "slower", "no clear difference")
             seconds = result["stats"]["median"] / 1e3
             assert result["effective_gflops"] == pytest.approx(
@@ -276,14 +276,15 @@ def test_pytorch_side_by_side_baseline(tmp_path):
     for variant in whole["variants"].values():
         assert "skipped" in variant or (variant["agrees"] and len(variant["times_ms"]) == 1)
     assert whole["fastest"]["onnxruntime"] == "onnxruntime" and whole["fastest"]["pytorch"]
-    assert whole["speedups"]["plan"]["onnxruntime"]["speedup"] == pytest.approx(
-        whole["variants"]["onnxruntime"]["stats"]["median"] / whole["caffe"]["plan"]["stats"]["median"])
+    ort, plan_row = whole["variants"]["onnxruntime"], whole["caffe"]["plan"]
+    assert whole["speedups"]["plan"]["onnxruntime"]["speedup"] == pytest.approx(statistics.median(
+        [o / p for o, p in zip(ort["times_ms"], plan_row["times_ms"])]))
     for regime in ("after idle", "back to back"):
         assert f"PyTorch baseline ({regime}): " in done.stdout
         assert f"ONNX Runtime baseline ({regime}): onnxruntime" in done.stdout
     assert whole["back_to_back"]["speedups"]["plan"]["onnxruntime"]["speedup"] == pytest.approx(
-        whole["variants"]["onnxruntime"]["back_to_back_stats"]["median"]
-        / whole["caffe"]["plan"]["back_to_back_stats"]["median"])
+        statistics.median([o / p for o, p in zip(ort["back_to_back_ms"],
+                                                  plan_row["back_to_back_ms"])]))
     assert not r["problems"] or not any("whole net in" in p for p in r["problems"])
 
 

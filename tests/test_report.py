@@ -115,8 +115,9 @@ def test_whole_net_baselines_fastest_agreeing_variant_and_ratios():
     assert len(problems) == 1 and "pytorch channels_last" in problems[0]
     plan_vs = baselines["speedups"]["plan"]
     assert plan_vs["pytorch"]["speedup"] == 80.0 / 52.0
-    assert plan_vs["onnxruntime"]["speedup"] == 65.0 / 52.0
-    assert plan_vs["onnxruntime"]["speedup_per_round"]["median"] == 65.0 / 50.0  # round by round
+    # Round by round (65/50, 60/55, 70/52), the median of those: not the ratio of the medians.
+    assert plan_vs["onnxruntime"]["speedup"] == 65.0 / 50.0 != 65.0 / 52.0
+    assert plan_vs["onnxruntime"]["speedup_per_round"]["q1"] < plan_vs["onnxruntime"]["speedup"]
     assert baselines["speedups"]["dense"]["pytorch"]["speedup"] == 80.0 / 105.0
     assert baselines["variants"]["pytorch compile"]["skipped"]
     lines = report.baselines_table(baselines)

@@ -95,8 +95,8 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
             seconds = result["stats"]["median"] / 1e3
             if probe:
                 result["limit_fraction"] = entry["limit"]["t_min_ms"] / result["stats"]["median"]
-            result["speedup_vs_dense"] = dense["stats"]["median"] / result["stats"]["median"]
             result["speedup_per_round"] = round_ratios(dense["times_ms"], result["times_ms"])
+            result["speedup_vs_dense"] = result["speedup_per_round"]["median"]
             result["effective_gflops"] = 2 * entry["dense_macs_per_image"] * batch / seconds / 1e9
             result["useful_gflops"] = 2 * entry["useful_macs_per_image"] * batch / seconds / 1e9
             result["input2csr_share"] = result["phases_ms"].get("input2csr", 0.0) / result["stats"]["median"]
@@ -154,15 +154,15 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
                                 f"{', '.join(calibration['replanned_during_rounds'])}: their "
                                 "times include calibration forwards")
     for path in paths:
-        net[path]["speedup_vs_dense"] = net[baseline]["stats"]["median"] / net[path]["stats"]["median"]
         net[path]["speedup_per_round"] = round_ratios(net[baseline]["times_ms"], net[path]["times_ms"])
+        net[path]["speedup_vs_dense"] = net[path]["speedup_per_round"]["median"]
     plan = raw.get("plan")
     if plan:
         dense_times, times = plan["dense_net_times_ms"], plan["net_times_ms"]
         net["plan"] = {"layers": plan["layers"], "rule": plan["rule"], "times_ms": times,
                        "stats": stats(times), "dense_times_ms": dense_times,
                        "dense_stats": stats(dense_times),
-                       "speedup_vs_dense": statistics.median(dense_times) / statistics.median(times),
+                       "speedup_vs_dense": round_ratios(dense_times, times)["median"],
                        "speedup_per_round": round_ratios(dense_times, times),
                        "top1_agreement": plan["top1_agreement"]}
         if plan["top1_agreement"] < 1.0:
@@ -220,16 +220,16 @@ def derive_baselines(raw: dict | None, tolerance: float) -> tuple[dict | None, l
                 if name is None:
                     continue
                 theirs = variants[name]
-                ratios[ours][framework] = {
-                    "baseline": name,
-                    "speedup": theirs[stats_key]["median"] / row[stats_key]["median"],
-                    "speedup_per_round": round_ratios(theirs[times], row[times])}
+                per_round = round_ratios(theirs[times], row[times])
+                ratios[ours][framework] = {"baseline": name, "speedup": per_round["median"],
+                                           "speedup_per_round": per_round}
         compared[regime] = {"fastest": fastest, "speedups": ratios}
     result = {**{k: v for k, v in raw.items() if k not in ("variants", "caffe")},
               "variants": variants, "caffe": caffe, **compared["after idle"],
               "rule": "per framework, the variant with the lowest median whole-net time among "
-                      "those agreeing with Caffe's dense is the baseline; speedups: the "
-                      "baseline's median over the Caffe configuration's, from the same rounds; "
+                      "those agreeing with Caffe's dense is the baseline; speedup: the median "
+                      "over the rounds of the baseline's time over the Caffe configuration's "
+                      "in the same round; "
                       "fastest and speedups time each row's first forward after the settling "
                       "pause, back_to_back its second, right after the first"}
     if "back to back" in compared:
