@@ -2,7 +2,8 @@
 ReLU), against numpy references written from Caffe's definitions, on blobs large enough for the
 parallel loops and small enough for the serial ones. Caffe's own pooling, eltwise and neuron gtests
 run too (test_caffe_gtests.py); these add what they do not cover: ties and NaN in max pooling's
-argmax, blobs above the parallel thresholds, and the fused ReLU forward and backward."""
+argmax, rows wide enough for max pooling's vector kernel (on every ISA this CPU runs), blobs above
+the parallel thresholds, and the fused ReLU forward and backward."""
 from __future__ import annotations
 
 import math
