@@ -2,12 +2,15 @@
 ReLU), against numpy references written from Caffe's definitions, on blobs large enough for the
 parallel loops and small enough for the serial ones. Caffe's own pooling, eltwise and neuron gtests
 run too (test_caffe_gtests.py); these add what they do not cover: ties and NaN in max pooling's
-argmax, blobs above the parallel thresholds, and the fused ReLU forward and backward."""
+argmax, rows wide enough for max pooling's vector kernel (on every ISA this CPU runs), blobs above
+the parallel thresholds, and the fused ReLU forward and backward."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,6 +146,91 @@ def test_max_pooling_backward_routes_each_gradient_to_its_argmax(make_net, caffe
     for c in range(8):
         np.add.at(planes[c], mask[0, c].astype(int).ravel(), top_diff[0, c].ravel())
     np.testing.assert_allclose(net.blobs["data"].diff, want, rtol=1e-6, atol=1e-6)
+
+
+# Max pooling's vector kernel takes the outputs whose windows lie inside the row, 8 (AVX2) or 16
+# (AVX-512) floats at a time, the last vector overlapping the one before; the clipped columns at
+# either end stay scalar. Rows of 37 x stride + 5 columns hold several vectors on both ISAs and
+# a remainder, in each of the kernel's stride kinds (1: plain loads; 2: two loads and a permute;
+# 3: a gather), kernels 2 and 3, pad 0 and 1.
+VECTOR_POOL_CASES = [((1, 3, 4 * stride + 3, 37 * stride + 5), kernel, stride, pad)
+                     for kernel in (2, 3) for stride in (1, 2, 3) for pad in (0, 1)]
+# (plane, output row, output column) of windows set all NaN, all -FLT_MAX, and all one value
+# (a tie the first tap wins): inside the first and second vectors.
+ALL_NAN_WINDOW, ALL_LOWEST_WINDOW, TIED_WINDOW = (0, 1, 5), (1, 2, 12), (2, 3, 17)
+
+
+def vector_pool_input(shape, kernel, stride, pad):
+    """Few distinct values (ties in most windows), zeros, NaN, -inf and -FLT_MAX scattered, and
+    the three special windows."""
+    rng = np.random.default_rng(shape[-1] + 10 * kernel + 100 * pad)
+    x = post_relu(rng, shape, zeros=0.3, levels=2)
+    x.reshape(-1)[3::7] = np.nan
+    x.reshape(-1)[5::11] = -np.inf
+    x.reshape(-1)[6::13] = -FLT_MAX
+    for (plane, ph, pw), value in ((ALL_NAN_WINDOW, np.nan), (ALL_LOWEST_WINDOW, -FLT_MAX),
+                                   (TIED_WINDOW, 2.5)):
+        h0, w0 = ph * stride - pad, pw * stride - pad
+        x[0, plane, h0:h0 + kernel, w0:w0 + kernel] = value
+    return x
+
+
+def check_vector_pool_case(make_net, caffe, shape, kernel, stride, pad, with_mask):
+    x = vector_pool_input(shape, kernel, stride, pad)
+    net = pooling_net(make_net, caffe, shape, "max", kernel, stride, pad, with_mask)
+    net.blobs["data"].data[...] = x
+    net.forward()
+    top, mask = max_pool_reference(x, kernel, stride, pad)
+    np.testing.assert_array_equal(net.blobs["pool"].data, top)
+    if with_mask:
+        np.testing.assert_array_equal(net.blobs["mask"].data, mask)
+    # Not vacuous: the special windows came out as the definition says.
+    width = shape[-1]
+    for plane, ph, pw in (ALL_NAN_WINDOW, ALL_LOWEST_WINDOW):
+        assert top[0, plane, ph, pw] == -FLT_MAX and mask[0, plane, ph, pw] == -1
+    plane, ph, pw = TIED_WINDOW
+    assert top[0, plane, ph, pw] == 2.5
+    assert mask[0, plane, ph, pw] == (ph * stride - pad) * width + pw * stride - pad
+
+
+@pytest.mark.parametrize("shape, kernel, stride, pad", VECTOR_POOL_CASES)
+@pytest.mark.parametrize("with_mask", [False, True], ids=["internal-mask", "top-mask"])
+def test_max_pooling_vector_rows_equal_caffes_definition_bit_for_bit(make_net, caffe, shape, kernel,
+                                                                    stride, pad, with_mask):
+    check_vector_pool_case(make_net, caffe, shape, kernel, stride, pad, with_mask)
+
+
+POOLING_ISA_SCRIPT = """
+import sys
+from pathlib import Path
+import caffe
+from caffe_tests.conftest import write_net
+from caffe_tests.test_inference_layers import VECTOR_POOL_CASES, check_vector_pool_case
+caffe.set_mode_cpu()
+assert caffe.conv_direct_isa() == sys.argv[1], caffe.conv_direct_isa()
+make_net = lambda spec: write_net(caffe, spec, Path(sys.argv[2]) / "net.prototxt")
+for case in VECTOR_POOL_CASES:
+    for with_mask in (False, True):
+        check_vector_pool_case(make_net, caffe, *case, with_mask)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_max_pooling_on_each_vector_isa(caffe_python_path, isa, tmp_path):
+    """Every vector kernel set this CPU runs, and the scalar loop alone (SPARSE_CAFFE_DIRECT_ISA
+    picks pooling's set as it picks direct's), in a fresh process."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    needs = {"avx2": ("avx2", "fma"), "avx512": ("avx512f",)}.get(isa, ())
+    if any(f" {flag}" not in flags for flag in needs):
+        pytest.skip(f"this CPU has no {isa}")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, SPARSE_CAFFE_DIRECT_ISA=isa, GLOG_minloglevel="2",
+               PYTHONPATH=os.pathsep.join([str(caffe_python_path), str(root)]))
+    result = subprocess.run([sys.executable, "-c", POOLING_ISA_SCRIPT, isa, str(tmp_path)],
+                            env=env, capture_output=True, text=True, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
 
 
 @pytest.mark.parametrize("shape, kernel, stride, pad", POOL_CASES + [((1, 64, 7, 7), 7, 1, 0)])
