@@ -556,9 +556,10 @@ print("ok", len(CASES + DIRECT_CASES))
 """
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
-def test_direct_on_each_vector_isa(caffe_python_path, isa, tmp_path):
-    """Every kernel set this CPU runs (SPARSE_CAFFE_DIRECT_ISA picks one, in a fresh process)."""
+def run_on_isa(script: str, isa: str, caffe_python_path, tmp_path, timeout=None):
+    """Run `script` (argv: isa, tmp_path) in a fresh Python with SPARSE_CAFFE_DIRECT_ISA=isa, which
+    picks the kernel set of direct and of max pooling; skip when this CPU lacks that ISA. Returns
+    the finished process (it must have exited 0)."""
     import os
     import subprocess
     import sys
@@ -570,6 +571,13 @@ def test_direct_on_each_vector_isa(caffe_python_path, isa, tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, SPARSE_CAFFE_DIRECT_ISA=isa, GLOG_minloglevel="2",
                PYTHONPATH=os.pathsep.join([str(caffe_python_path), str(root)]))
-    result = subprocess.run([sys.executable, "-c", DIRECT_ISA_SCRIPT, isa, str(tmp_path)], env=env,
-                            capture_output=True, text=True, cwd=root)
+    result = subprocess.run([sys.executable, "-c", script, isa, str(tmp_path)], env=env,
+                            capture_output=True, text=True, cwd=root, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_direct_on_each_vector_isa(caffe_python_path, isa, tmp_path):
+    """Every kernel set this CPU runs (SPARSE_CAFFE_DIRECT_ISA picks one, in a fresh process)."""
+    run_on_isa(DIRECT_ISA_SCRIPT, isa, caffe_python_path, tmp_path)

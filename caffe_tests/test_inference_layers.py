@@ -7,13 +7,13 @@ the parallel thresholds, and the fused ReLU forward and backward."""
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from .test_forward_paths import run_on_isa
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -97,6 +97,19 @@ def pooling_net(make_net, caffe, shape, pool, kernel, stride, pad, with_mask):
     return make_net(n)
 
 
+def max_pool_equals_reference(make_net, caffe, x, kernel, stride, pad, with_mask):
+    """Max pooling of x in Caffe equals the numpy definition bit for bit (and its top mask, when
+    asked for); returns the definition's (top, mask)."""
+    net = pooling_net(make_net, caffe, x.shape, "max", kernel, stride, pad, with_mask)
+    net.blobs["data"].data[...] = x
+    net.forward()
+    top, mask = max_pool_reference(x, kernel, stride, pad)
+    np.testing.assert_array_equal(net.blobs["pool"].data, top)
+    if with_mask:
+        np.testing.assert_array_equal(net.blobs["mask"].data, mask)
+    return top, mask
+
+
 @pytest.mark.parametrize("shape, kernel, stride, pad", POOL_CASES)
 @pytest.mark.parametrize("with_mask", [False, True], ids=["internal-mask", "top-mask"])
 def test_max_pooling_equals_caffes_definition_bit_for_bit(make_net, caffe, shape, kernel, stride,
@@ -105,13 +118,7 @@ def test_max_pooling_equals_caffes_definition_bit_for_bit(make_net, caffe, shape
     x = post_relu(rng, shape, levels=4)
     x.reshape(-1)[::97] = np.nan   # never wins a window
     x.reshape(-1)[5::101] = -np.inf
-    net = pooling_net(make_net, caffe, shape, "max", kernel, stride, pad, with_mask)
-    net.blobs["data"].data[...] = x
-    net.forward()
-    top, mask = max_pool_reference(x, kernel, stride, pad)
-    np.testing.assert_array_equal(net.blobs["pool"].data, top)
-    if with_mask:
-        np.testing.assert_array_equal(net.blobs["mask"].data, mask)
+    top, _ = max_pool_equals_reference(make_net, caffe, x, kernel, stride, pad, with_mask)
     # Not vacuous: ties were there to break, and zeros won some windows.
     assert (top == 0).any() and len(np.unique(x[np.isfinite(x)])) < 64
 
@@ -177,13 +184,7 @@ def vector_pool_input(shape, kernel, stride, pad):
 
 def check_vector_pool_case(make_net, caffe, shape, kernel, stride, pad, with_mask):
     x = vector_pool_input(shape, kernel, stride, pad)
-    net = pooling_net(make_net, caffe, shape, "max", kernel, stride, pad, with_mask)
-    net.blobs["data"].data[...] = x
-    net.forward()
-    top, mask = max_pool_reference(x, kernel, stride, pad)
-    np.testing.assert_array_equal(net.blobs["pool"].data, top)
-    if with_mask:
-        np.testing.assert_array_equal(net.blobs["mask"].data, mask)
+    top, mask = max_pool_equals_reference(make_net, caffe, x, kernel, stride, pad, with_mask)
     # Not vacuous: the special windows came out as the definition says.
     width = shape[-1]
     for plane, ph, pw in (ALL_NAN_WINDOW, ALL_LOWEST_WINDOW):
@@ -220,16 +221,7 @@ print("ok")
 def test_max_pooling_on_each_vector_isa(caffe_python_path, isa, tmp_path):
     """Every vector kernel set this CPU runs, and the scalar loop alone (SPARSE_CAFFE_DIRECT_ISA
     picks pooling's set as it picks direct's), in a fresh process."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    needs = {"avx2": ("avx2", "fma"), "avx512": ("avx512f",)}.get(isa, ())
-    if any(f" {flag}" not in flags for flag in needs):
-        pytest.skip(f"this CPU has no {isa}")
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, SPARSE_CAFFE_DIRECT_ISA=isa, GLOG_minloglevel="2",
-               PYTHONPATH=os.pathsep.join([str(caffe_python_path), str(root)]))
-    result = subprocess.run([sys.executable, "-c", POOLING_ISA_SCRIPT, isa, str(tmp_path)],
-                            env=env, capture_output=True, text=True, cwd=root, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    result = run_on_isa(POOLING_ISA_SCRIPT, isa, caffe_python_path, tmp_path, timeout=300)
     assert result.stdout.strip() == "ok"
 
 
