@@ -159,11 +159,11 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
     plan = raw.get("plan")
     if plan:
         dense_times, times = plan["dense_net_times_ms"], plan["net_times_ms"]
+        per_round = round_ratios(dense_times, times)
         net["plan"] = {"layers": plan["layers"], "rule": plan["rule"], "times_ms": times,
                        "stats": stats(times), "dense_times_ms": dense_times,
                        "dense_stats": stats(dense_times),
-                       "speedup_vs_dense": round_ratios(dense_times, times)["median"],
-                       "speedup_per_round": round_ratios(dense_times, times),
+                       "speedup_vs_dense": per_round["median"], "speedup_per_round": per_round,
                        "top1_agreement": plan["top1_agreement"]}
         if plan["top1_agreement"] < 1.0:
             problems.append(f"whole net on the per-layer plan: top-1 agrees with dense on "
