@@ -22,8 +22,9 @@ from .test_sparse_inner_product import fc_paths, fc_prototxt, load  # noqa: F401
 
 CONFIG = CONV_TEMPLATE_CONFIG
 # Paths never pruned for dense weights: those that do every multiply (Caffe's GEMM, oneDNN's
-# primitive) and activation_sparse (dense weights times the input's nonzeros, 1x1 layers only).
-DENSE_KERNELS = {"dense", "onednn", "activation_sparse"}
+# primitive, gemm_1x1's register tiles) and activation_sparse (dense weights times the input's
+# nonzeros, 1x1 layers only).
+DENSE_KERNELS = {"dense", "onednn", "activation_sparse", "gemm_1x1"}
 
 
 @pytest.fixture

@@ -73,16 +73,16 @@ CONV_SUITES = "ConvolutionLayerTest*:DeconvolutionLayerTest*:Im2colLayerTest*"
 
 
 @pytest.mark.parametrize("path", ["spmdm", "sparse_sparse", "sparse_output", "direct", "onednn",
-                                  "activation_sparse", "auto"])
+                                  "activation_sparse", "gemm_1x1", "auto"])
 @pytest.mark.parametrize("backend", ["openmp", "mkl"])
 def test_caffe_gtests_with_every_layer_forced_onto_a_path(path, backend, monkeypatch):
     """Caffe's own convolution, deconvolution and im2col suites (float and double), with every
     layer forced onto one path through the environment override (onednn runs the float cases and
-    sends double to dense; activation_sparse runs the 1x1 cases and sends the rest to dense; the
-    sparse back end does not matter to either, so each runs once; auto: each
+    sends double to dense; activation_sparse and gemm_1x1 run the 1x1 cases and send the rest to
+    dense; the sparse back end does not matter to those three, so each runs once; auto: each
     forward of a calibrating layer runs another candidate, and a gradient check's weight writes
     re-plan)."""
-    if path in ("onednn", "activation_sparse") and backend != "openmp":
+    if path in ("onednn", "activation_sparse", "gemm_1x1") and backend != "openmp":
         pytest.skip(f"{path} does not use the sparse back end: its openmp case covers it")
     build = _build()
     if backend == "mkl" and build.inputs.get("blas") != "mkl":

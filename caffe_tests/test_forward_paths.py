@@ -23,10 +23,10 @@ SPARSE_PATHS = ["spmdm", "sparse_sparse", "sparse_output", "direct"]
 # it has decided and one after, the output farthest from the first (dense's, its first candidate).
 PATHS_AND_AUTO = SPARSE_PATHS + ["auto"]
 # More forwards than any calibration takes: (timed rounds, extended at most auto_max_rounds_factor
-# times, + 1) x candidates (at most 8: dense, onednn, direct, activation_sparse, and spmdm and
-# sparse_sparse on each back end).
+# times, + 1) x candidates (at most 9: dense, onednn, direct, activation_sparse, gemm_1x1, and spmdm
+# and sparse_sparse on each back end).
 MAX_AUTO_FORWARDS = (CONV_TEMPLATE_CONFIG.auto_rounds * CONV_TEMPLATE_CONFIG.auto_max_rounds_factor
-                     + 1) * 8
+                     + 1) * 9
 BACKENDS = ["openmp", "mkl"]
 SPARSITY = [0.0, 0.5, 0.9, 0.99, 1.0]
 
@@ -180,7 +180,7 @@ def test_unknown_path_is_a_value_error(caffe, paths):
     with pytest.raises(ValueError, match="unknown convolution forward path 'fast'"):
         caffe.set_conv_forward_path("fast")
     assert caffe.conv_forward_paths() == ["dense", "spmdm", "sparse_sparse", "sparse_output", "direct",
-                                          "onednn", "activation_sparse"]
+                                          "onednn", "activation_sparse", "gemm_1x1"]
     with pytest.raises(ValueError, match="sparse back end 'cuda' is not in this build"):
         caffe.set_conv_sparse_backend("cuda")
     assert caffe.conv_sparse_backends()[0] == "openmp"

@@ -87,7 +87,7 @@ class ConvTemplateConfig:
     phases: tuple[str, ...] = ("im2col", "input2csr", "multiply", "output", "bias", "weight2csr")
     # Forward paths of the multiply, numbered from 1 in this order in caffe.proto's ForwardPath.
     forward_paths: tuple[str, ...] = ("dense", "spmdm", "sparse_sparse", "sparse_output", "direct",
-                                      "onednn", "activation_sparse")
+                                      "onednn", "activation_sparse", "gemm_1x1")
     # Implementations of the sparse paths, numbered from 1 in caffe.proto's SparseBackend.
     sparse_backends: tuple[str, ...] = ("openmp", "mkl")
     # The direct path's vector microkernels, best first (a portable scalar kernel always exists):
@@ -117,7 +117,8 @@ class ConvTemplateConfig:
                           "sparse_sparse (the same multiply) is a candidate"),
     )
     # Paths whose kernel is the same on every back end: auto times them once (openmp).
-    backend_independent: tuple[str, ...] = ("dense", "direct", "onednn", "activation_sparse")
+    backend_independent: tuple[str, ...] = ("dense", "direct", "onednn", "activation_sparse",
+                                            "gemm_1x1")
     # auto's policy (auto_path.hpp): the cost model prunes every sparse path (but direct on a
     # kernel larger than 1x1) when more than auto_dense_weights of the weights are nonzero, and
     # any candidate predicted slower than
@@ -216,8 +217,8 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         "convolution), on our OpenMP kernels or MKL's sparse BLAS, with an optional fused ReLU,\n"
         "and direct (Park et al.'s direct sparse convolution: weights as offsets into a zero-padded\n"
         "copy of the input, a strip of outputs in vector registers, bias and ReLU fused). The\n"
-        "ForwardPath enum also names onednn and activation_sparse, which patches 5 and 9\n"
-        "implement (dense without them).\n"
+        "ForwardPath enum also names onednn, activation_sparse and gemm_1x1, which patches 5, 9\n"
+        "and 10 implement (dense without them).\n"
         "Chosen per layer in the prototxt (convolution_param.forward_path, sparse_backend), from\n"
         "pycaffe, or process-wide with SPARSE_CAFFE_FORWARD_PATH / SPARSE_CAFFE_SPARSE_BACKEND.\n"
         "A per-layer profile times the phases and counts calls, input nonzeros, multiply-adds and\n"
@@ -343,6 +344,29 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "include/caffe/layers/base_conv_layer.hpp",
             "src/caffe/layers/base_conv_layer.cpp",
             "src/caffe/layers/conv_layer.cpp",
+            "python/caffe/_caffe.cpp",
+        ),
+    ),
+    PatchSpec(
+        10, "gemm-1x1",
+        "The gemm_1x1 forward path, for dense 1x1 convolutions with stride 1 and no padding: per\n"
+        "image and group one product out = W x in + bias on Caffe's NCHW blobs as they are (no\n"
+        "im2col, no reorder into a blocked layout and back), 6 output channels x 2 vectors of\n"
+        "positions in registers (AVX-512, AVX2 + FMA or scalar, picked at run time as direct's\n"
+        "kernels are), the input read in L2-sized chunks, bias and fused ReLU inside, the whole\n"
+        "batch in one OpenMP region; any groups, float and double. Every weight meets every\n"
+        "input as in Caffe's GEMM, so NaN and infinities come out as dense's. Other shapes run\n"
+        "dense (saying why once). A candidate of auto on 1x1 stride-1 layers. Caffe's convolution\n"
+        "gtest gains a float/double check of it against the reference convolution.",
+        (
+            "include/caffe/util/gemm_1x1_conv.hpp",
+            "src/caffe/util/gemm_1x1_conv.cpp",
+            "include/caffe/util/auto_path.hpp",
+            "src/caffe/util/auto_path.cpp",
+            "include/caffe/layers/base_conv_layer.hpp",
+            "src/caffe/layers/base_conv_layer.cpp",
+            "src/caffe/layers/conv_layer.cpp",
+            "src/caffe/test/test_convolution_layer.cpp",
             "python/caffe/_caffe.cpp",
         ),
     ),
