@@ -291,3 +291,11 @@ def test_on_each_vector_isa_and_thread_count(caffe_python_path, isa, threads, tm
     monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
     result = run_on_isa(ISA_SCRIPT, isa, caffe_python_path, tmp_path, timeout=300)
     assert result.stdout.strip().endswith("ok")
+
+
+def test_host_blobs_are_64_byte_aligned(caffe, make_net):
+    """Rows of whole cache lines start on one, so gemm_1x1 reads them in place (patch 0010)."""
+    net = make_net(conv_spec(caffe, "conv", (1, 3, 5, 7), 4, dict(kernel_size=1)))
+    arrays = [blob.data for blob in net.blobs.values()] + \
+        [p.data for params in net.params.values() for p in params]
+    assert all(a.ctypes.data % 64 == 0 for a in arrays), [a.ctypes.data % 64 for a in arrays]
