@@ -169,7 +169,7 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
     import torch
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
-    batch = spec["batch"]
+    batch = spec.batch
     check_feeds = feeds[:-(-image_count // batch)]
     caffe_rows["dense"]()
     reference = []
@@ -243,11 +243,11 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
                 times.append((time.perf_counter() - start) * 1e3)
             return times
 
-        for i in range(spec["warmup"]):
+        for i in range(spec.warmup):
             for kind, name in rows:
                 forward(kind, name, feeds[i % len(feeds)])
         result["recalibration_forwards"] = recalibrate_auto(caffe, net, caffe_rows, feeds)
-        for i in range(spec["repeats"]):
+        for i in range(spec.repeats):
             feed = feeds[i % len(feeds)]
             order = [rows[(i + k) % len(rows)] for k in range(len(rows))]
             result["round_order"].append([name for _, name in order])
@@ -257,7 +257,7 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
                 target["times_ms"].append(after_idle)
                 target["back_to_back_ms"].append(back_to_back)
             if i == 0 or (i + 1) % 5 == 0:
-                say(f"[baselines] round {i + 1} of {spec['repeats']}")
+                say(f"[baselines] round {i + 1} of {spec.repeats}")
     caffe_rows["dense"]()
     # Caffe and PyTorch share one OpenMP runtime when only one is mapped (torch's wheel names
     # libgomp.so.1, which the loader finds already loaded); ONNX Runtime has its own pool.
