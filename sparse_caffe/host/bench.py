@@ -198,7 +198,7 @@ def executor(build: Build, threads: int, image: docker_route.Image | None = None
     """Who runs the measurement child: the build's pycaffe, or a container of `image` (the run
     prepared by the build's pycaffe first)."""
     local = measurement.LocalExecutor(build, threads)
-    return local if image is None else measurement.ContainerExecutor(image, threads, local)
+    return local if image is None else docker_route.ContainerExecutor(image, threads, local)
 
 
 def check_memory(build: Build, options: BenchOptions, threads: int) -> None:

@@ -118,16 +118,13 @@ def sparsity_report(build: Build, net: str, weights: str, images: str | None, ba
     """Run sparse_caffe.inside.sparsity against a build; its JSON is written to `target` when complete."""
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
-    with atomic_path(target) as partial:
-        args = ["--net", net, "--weights", weights, "--batch", str(batch), "--json", str(partial)]
-        if images:
-            args += ["--images", images]
-        result = measurement.pycaffe(build, "inside.sparsity", args, os.cpu_count() or 1,
-                                     capture_stderr=True)
-        if result.stderr:
-            sys.stderr.write("".join(ln + "\n" for ln in result.stderr.splitlines()
-                                     if not ln.startswith("error:")))
-        raise_for(result, "the sparsity report")
+    spec = RunSpec(kind="net", net=net, weights=weights, batch=batch,
+                   images=int(images) if images and images.isdigit() else images,
+                   cache_dir=str(cache_dir()))
+    executor = measurement.LocalExecutor(build, os.cpu_count() or 1)
+    with atomic_path(target) as partial, tempfile.TemporaryDirectory() as tmp:
+        measurement.run_child(executor, Path(tmp), spec, "the sparsity report", "inside.sparsity",
+                              ("--json", str(partial)), expect_result=False)
     return target
 
 
