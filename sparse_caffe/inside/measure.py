@@ -451,21 +451,16 @@ def measure_plan(caffe, net, layers, feeds, spec, results, given=None):
         use_plan(caffe, plan, spec)
         net.blobs["data"].data[...] = feeds[i % len(feeds)]
         net.forward()
-    for i in range(spec.repeats):
-        feed = feeds[i % len(feeds)]
-        for planned in ((True, False) if i % 2 else (False, True)):
-            if planned:
-                use_plan(caffe, plan, spec)
-            else:
-                caffe.clear_conv_forward_paths()
-                if hasattr(caffe, "set_fc_forward_path"):
-                    caffe.clear_fc_forward_paths()
-                    caffe.set_fc_forward_path("dense")
-            net.blobs["data"].data[...] = feed
-            start = time.perf_counter()
-            net.forward()
-            elapsed = (time.perf_counter() - start) * 1e3
-            plan["net_times_ms" if planned else "dense_net_times_ms"].append(elapsed)
+    for i, _, planned in rotated_rounds((False, True), spec.repeats):  # dense first, then not
+        if planned:
+            use_plan(caffe, plan, spec)
+        else:
+            caffe.clear_conv_forward_paths()
+            if hasattr(caffe, "set_fc_forward_path"):
+                caffe.clear_fc_forward_paths()
+                caffe.set_fc_forward_path("dense")
+        net.blobs["data"].data[...] = feeds[i % len(feeds)]
+        plan["net_times_ms" if planned else "dense_net_times_ms"].append(timed_ms(net.forward))
     say("[plan] {} of {} convolutions off dense; timed against dense in {} rounds".format(
         sum(p != baseline for p in choice.values()), len(choice), spec.repeats))
     return plan
