@@ -208,7 +208,7 @@ def test_auto_is_calibrated_again_before_the_baselines_rounds(caffe, small_net):
     try:
         raw = baselines.measure_whole_net(
             caffe, small_net, ALL_LAYERS, feeds, 1,
-            {"batch": 2, "warmup": 1, "repeats": 1},
+            RunSpec(kind="net", net="small", batch=2, warmup=1, repeats=1),
             {"dense": caffe.clear_conv_forward_paths,
              "auto": lambda: caffe.set_conv_forward_path("auto")}, compile_too=False)
     finally:

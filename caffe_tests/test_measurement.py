@@ -112,7 +112,8 @@ def test_the_container_command_measures_a_prepared_folder_natively(build, tmp_pa
     prepared = RunSpec.read(tmp_path / "run" / protocol.SPEC_FILE)
     assert prepared == spec.replace(kind="prepared", layer_names=["conv3", "conv5"],
                                     weights_info=raw.weights, images_info=raw.images)
-    assert len(engine.commands) == 1 and engine.commands[0][1:3] == ["-m", "sparse_caffe.inside.child"]
+    assert len(engine.commands) == 1
+    assert engine.commands[0][1:3] == ["-m", "sparse_caffe.inside.child"]
 
 
 def test_the_container_side_reports_a_user_error_one_way(build, tmp_path):

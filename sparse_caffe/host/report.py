@@ -63,7 +63,7 @@ def round_ratios(dense: list[float], other: list[float]) -> dict:
 
 
 def derive(raw: RawResult, batch: int) -> tuple[list[dict], dict, list[str]]:
-    """Per-layer and per-net results with statistics, from the child's raw result (a "net" RawResult)."""
+    """Per-layer and per-net results with statistics, from the child's "net" RawResult."""
     paths = list(raw.paths)
     baseline = paths[0]
     layers, problems = [], []

@@ -126,6 +126,7 @@ def plan_key(build: Build, facts: dict, options: TuneOptions, threads: int) -> d
     machine_facts = machine.machine_info(threads, os.getloadavg())
     software = bench.software_info(build)
     runtime = facts["blas_runtime"]
+    weights = WeightsRecord.from_json(facts["weights"])
     key = {"net": options.net, "transform": "fold", "cpu": machine_facts["cpu"],
            "simd_flags": machine_facts["simd_flags"], "direct_isa": facts["direct_isa"],
            "blas": software["blas"], "mkl": software["mkl"],
@@ -133,7 +134,7 @@ def plan_key(build: Build, facts: dict, options: TuneOptions, threads: int) -> d
                                                          "openmp_runtimes")},
            "caffe_source": software["caffe_source"],
            "patch_series_sha256": software["patch_series_sha256"],
-           "compiler": software["compiler"], "weights_sha256": WeightsRecord.from_json(facts["weights"]).sha256,
+           "compiler": software["compiler"], "weights_sha256": weights.sha256,
            "threads": threads, "batch": options.batch, "layers": facts["layers"]}
     return json.loads(json.dumps(key))  # as it reads back from the file
 
