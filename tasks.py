@@ -17,6 +17,7 @@ from sparse_caffe.patching import cache as cache_stage
 from sparse_caffe.host import docker_route
 from sparse_caffe.patching import render as render_stage
 from sparse_caffe.host import report as report_stage
+from sparse_caffe.host import measurement
 from sparse_caffe.host import run as run_stage
 from sparse_caffe.patching import source as source_stage
 from sparse_caffe.host import tune as tune_stage
@@ -101,7 +102,7 @@ def build(c, blas="openblas", caffe_source=None, jobs=0, docker=False):
 @user_errors
 def test(c, blas="openblas", caffe_source=None, k=None, unit=False):
     """Run the tests: unit tests, then pycaffe and Caffe's own gtests against the patched build."""
-    env = {**run_stage.thread_env(1), **build_stage.runtime_env(blas)}
+    env = {**measurement.thread_env(1), **build_stage.runtime_env(blas)}
     paths = ["tests"]
     if not unit:
         result = build_stage.build(BuildOptions(blas=blas), caffe_source)

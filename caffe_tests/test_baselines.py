@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from sparse_caffe.inside import baselines
-from sparse_caffe.inside import bench_runner
+from sparse_caffe.inside.prepare import prepare
+from sparse_caffe.inside.protocol import RunSpec
 from sparse_caffe.inside import measure
 from sparse_caffe.models import torch_net
 from sparse_caffe.models import images as images_stage
@@ -170,11 +171,11 @@ def test_whole_net_baselines_agree_with_caffe_on_the_benchmark_nets(caffe, net_n
     PyTorch in both memory formats and ONNX Runtime agree with Caffe's dense on every image, and
     are timed in the same rounds as Caffe's dense (torch.compile is covered on the small net; it
     takes minutes on ResNet-50 here)."""
-    spec = {"net": net_name, "weights": "pruned" if net_name == "resnet50-1by2" else "synthetic",
-            "batch": 1, "cache_dir": str(cache_dir()),
-            "transform": "fold", "images": 2, "layers": None, "warmup": 1, "repeats": 2,
-            "backend": "openmp"}
-    net, text, _, _, images = bench_runner.prepare(caffe, spec)
+    spec = RunSpec(kind="net", net=net_name,
+                   weights="pruned" if net_name == "resnet50-1by2" else "synthetic",
+                   batch=1, cache_dir=str(cache_dir()), transform="fold", images=2, warmup=1,
+                   repeats=2, backend="openmp")
+    net, text, _, _, images = prepare(caffe, spec)
     feeds = list(images_stage.batches(images, 1, measure.feed_count(spec, images.count)))
     raw = baselines.measure_whole_net(caffe, net, text, feeds, images.count, spec,
                                       {"dense": caffe.clear_conv_forward_paths},
@@ -207,7 +208,7 @@ def test_auto_is_calibrated_again_before_the_baselines_rounds(caffe, small_net):
     try:
         raw = baselines.measure_whole_net(
             caffe, small_net, ALL_LAYERS, feeds, 1,
-            {"batch": 2, "warmup": 1, "repeats": 1},
+            RunSpec(kind="net", net="small", batch=2, warmup=1, repeats=1),
             {"dense": caffe.clear_conv_forward_paths,
              "auto": lambda: caffe.set_conv_forward_path("auto")}, compile_too=False)
     finally:

@@ -191,7 +191,7 @@ def test_sigterm_during_tune_leaves_no_file_and_no_runner(tmp_path):
     runners = tune_runners(proc.pid)
     assert runners, "the tune runner never started"
     time.sleep(3)  # measuring
-    scratch = Path(next(iter(runners.values())).split()[-2]).parent  # its spec file's folder
+    scratch = Path(next(iter(runners.values())).split()[-1])  # its run folder
     proc.send_signal(signal.SIGTERM)
     try:
         out, err = proc.communicate(timeout=60)

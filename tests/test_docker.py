@@ -19,6 +19,9 @@ from docker.utils.build import match_tag
 from sparse_caffe.host import docker_route
 from sparse_caffe.models import images
 from sparse_caffe.inside import measure
+from sparse_caffe.host import measurement
+from sparse_caffe.inside import protocol
+from sparse_caffe.inside.protocol import RunSpec, WeightsRecord
 from sparse_caffe.patching import series
 from sparse_caffe.patching.build import GTEST_SUITES, MAKE_TARGETS, MKL_REQUIREMENT
 from sparse_caffe.patching.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, CaffePin
@@ -125,7 +128,8 @@ def test_build_context_is_what_the_dockerfile_copies():
                 *patches, "sparse_caffe/__init__.py", "sparse_caffe/errors.py", "sparse_caffe/files.py",
                 "sparse_caffe/terminal.py", "sparse_caffe/patching/__init__.py",
                 "sparse_caffe/patching/series.py",
-                "sparse_caffe/inside/__init__.py", "sparse_caffe/inside/measure.py",
+                "sparse_caffe/inside/__init__.py", "sparse_caffe/inside/child.py",
+                "sparse_caffe/inside/measure.py", "sparse_caffe/inside/protocol.py",
                 "sparse_caffe/models/__init__.py", "sparse_caffe/models/net_layers.py"}
     assert set(files) == expected
     sources = copy_sources()
@@ -159,7 +163,9 @@ def vermin(*paths) -> subprocess.CompletedProcess:
 
 def test_code_that_runs_in_the_image_is_python_3_6():
     files = image_python_files()
-    assert PREPARE in files and PROJECT_ROOT / "sparse_caffe" / "inside" / "measure.py" in files
+    inside = PROJECT_ROOT / "sparse_caffe" / "inside"
+    assert PREPARE in files and {inside / "measure.py", inside / "child.py",
+                                 inside / "protocol.py"} <= set(files)
     result = vermin(*files)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Minimum required versions: 3." in result.stdout
@@ -200,10 +206,10 @@ def test_code_in_the_image_imports_only_what_the_image_has():
                     assert node.module.split(".")[0] in allowed, (path.name, node.module)
 
 
-def test_measure_runs_without_caffe_until_it_needs_it():
-    result = subprocess.run([sys.executable, "-m", "sparse_caffe.inside.measure", "--help"],
+def test_the_measurement_child_runs_without_caffe_until_it_needs_it():
+    result = subprocess.run([sys.executable, "-m", "sparse_caffe.inside.child", "--help"],
                             cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert result.returncode == 0 and "prepared by ./inv bench --docker" in result.stdout
+    assert result.returncode == 0 and "spec.json (a RunSpec)" in result.stdout
 
 
 @pytest.mark.parametrize("count, batch, feeds", [(6, 1, 20), (6, 4, 3), (5, 2, 7), (1, 3, 2)])
@@ -216,7 +222,7 @@ def test_measure_feeds_the_batches_the_host_would(count, batch, feeds):
     assert len(ours) == len(theirs) == feeds
     for a, b in zip(ours, theirs):
         np.testing.assert_array_equal(a, b)
-    spec = {"repeats": feeds, "batch": batch}
+    spec = RunSpec(kind="layer", shape="res5_branch2b", repeats=feeds, batch=batch)
     assert measure.feed_count(spec, count) == max(feeds, -(-count // batch))
 
 
@@ -369,8 +375,9 @@ def test_a_failed_build_step_is_named_in_one_line():
 class StandInEngine:
     """Answers the few Docker SDK calls docker_route makes, as the Engine API shapes them."""
 
-    def __init__(self, build_stream=(), exit_status=0):
+    def __init__(self, build_stream=(), exit_status=0, on_start=None):
         self.build_stream, self.exit_status = list(build_stream), exit_status
+        self.on_start = on_start  # what the container does (given create's arguments)
         self.build_kwargs, self.create_kwargs, self.removed = None, None, False
         self.api, self.images, self.containers = self, self, self
 
@@ -387,7 +394,8 @@ class StandInEngine:
 
         class Container:
             def start(self):
-                pass
+                if engine.on_start:
+                    engine.on_start(engine.create_kwargs)
 
             def logs(self, stream, follow):
                 return iter([b"[1/2 dense] profiled forward 1\n"])
@@ -447,23 +455,74 @@ def test_a_container_run_mounts_the_folder_as_this_user(tmp_path, monkeypatch, c
     monkeypatch.setattr(docker_route, "client", lambda: engine)
     image = docker_route.Image(tag="sparse-caffe:x", id="sha256:" + "1" * 64, repo_digests=(),
                                blas="openblas")
-    docker_route.run_measurement(image, tmp_path, threads=3)
+    assert docker_route.run_measurement(image, tmp_path, threads=3) == 0
     made = engine.create_kwargs
-    assert made["image"] == image.id and made["command"][:3] == ["python3", "-m", "sparse_caffe.inside.measure"]
+    assert made["image"] == image.id
+    assert made["command"] == ["python3", "-m", "sparse_caffe.inside.child", "/workspace/run",
+                               "--image-info", docker_route.IMAGE_INFO]
     assert made["volumes"] == {str(tmp_path.resolve()): {"bind": "/workspace/run", "mode": "rw"}}
     assert made["user"] == f"{os.getuid()}:{os.getgid()}"
     assert made["environment"]["OMP_NUM_THREADS"] == "3" and engine.removed
     assert "profiled forward 1" in capsys.readouterr().err
 
 
-def test_a_container_that_fails_gives_its_own_error_line(tmp_path, monkeypatch):
-    engine = StandInEngine(exit_status=2)
-    monkeypatch.setattr(docker_route, "client", lambda: engine)
-    (tmp_path / measure.ERROR_FILE).write_text("the prepared net has no convolution layer conv9\n")
+class FakePreparer:
+    """Stands in for the native pycaffe that prepares a run for the container (a unit test has no
+    build): answers a "prepare" RunSpec by writing the "prepared" one, as bench_runner.export."""
+
+    def __init__(self):
+        self.specs = []
+
+    def run(self, folder, module, args):
+        spec = RunSpec.read(folder / protocol.SPEC_FILE)
+        self.specs.append((module, spec))
+        weights = WeightsRecord(kind="synthetic", synthetic=True, path="/w.caffemodel",
+                                sha256="0" * 64, description="synthetic caffenet")
+        spec.replace(kind="prepared", layer_names=["conv1"], weights_info=weights,
+                     images_info={"count": 6}).write(folder / protocol.SPEC_FILE)
+        return 0, ""
+
+
+def container_writes(record):
+    """A stand-in container that leaves `record` in the mounted run folder, as the child would."""
+    def start(create_kwargs):
+        folder = Path(next(iter(create_kwargs["volumes"])))
+        assert RunSpec.read(folder / protocol.SPEC_FILE).kind == "prepared"
+        record.write(folder / (protocol.ERROR_FILE if isinstance(record, protocol.ErrorRecord)
+                               else protocol.RAW_FILE))
+    return start
+
+
+def test_bench_docker_measures_through_the_one_entry_point(tmp_path):
+    raw = protocol.RawResult(kind="layer", blas_runtime={"name": "openblas"},
+                             machine_probe={"macs_per_second": 1.0}, layer={"results": []})
+    engine = StandInEngine(on_start=container_writes(raw))
+    preparer = FakePreparer()
     image = docker_route.Image(tag="t:x", id="sha256:1", repo_digests=(), blas="openblas")
+    spec = RunSpec(kind="net", net="caffenet", threads=2)
+    got = measurement.measure(spec, docker_route.ContainerExecutor(image, 2, preparer, engine),
+                              tmp_path / "run")
+    assert got == raw and engine.removed
+    assert [(m, s.kind) for m, s in preparer.specs] == [("inside.child", "prepare")]
+    assert preparer.specs[0][1] == spec.replace(kind="prepare")
+    assert engine.create_kwargs["command"] == docker_route.container_command()
+
+
+def test_a_container_that_fails_gives_its_own_error_line(tmp_path):
+    image = docker_route.Image(tag="t:x", id="sha256:1", repo_digests=(), blas="openblas")
+    spec = RunSpec(kind="net", net="caffenet")
+    engine = StandInEngine(exit_status=2, on_start=container_writes(protocol.ErrorRecord(
+        message="the prepared net has no convolution layer conv9")))
+    executor = docker_route.ContainerExecutor(image, 1, FakePreparer(), engine)
     with pytest.raises(UserError, match="^the prepared net has no convolution layer conv9$"):
-        docker_route.run_measurement(image, tmp_path, threads=1)
+        measurement.measure(spec, executor, tmp_path / "a")
     assert engine.removed
-    (tmp_path / measure.ERROR_FILE).unlink()
-    with pytest.raises(UserError, match=r"container failed \(exit 2\)"):
-        docker_route.run_measurement(image, tmp_path, threads=1)
+    engine = StandInEngine(exit_status=137)
+    executor = docker_route.ContainerExecutor(image, 1, FakePreparer(), engine)
+    with pytest.raises(UserError, match=r"^the benchmark process failed \(exit 137\); its output "
+                                        r"is above$"):
+        measurement.measure(spec, executor, tmp_path / "b")
+    engine = StandInEngine(exit_status=0)
+    executor = docker_route.ContainerExecutor(image, 1, FakePreparer(), engine)
+    with pytest.raises(UserError, match="exited without writing raw.json"):
+        measurement.measure(spec, executor, tmp_path / "c")

@@ -20,12 +20,16 @@ from sparse_caffe.patching.config import PROJECT_ROOT
 PACKAGE = PROJECT_ROOT / "sparse_caffe"
 LAYERS = ("", "patching", "models", "inside", "host")
 # A child process's main program, and nothing else: started by name, imported by no library.
-CHILD_MAINS = {"sparse_caffe.inside.bench_runner", "sparse_caffe.inside.tune_runner",
+CHILD_MAINS = {"sparse_caffe.inside.child", "sparse_caffe.inside.tune_runner",
                "sparse_caffe.inside.plain_forward", "sparse_caffe.inside.rss_probe",
-               "sparse_caffe.inside.layer_bench", "sparse_caffe.inside.sparsity"}
+               "sparse_caffe.inside.sparsity"}
+# The runners the one measurement child (sparse_caffe.inside.child) imports by name, per kind of
+# RunSpec: child-process code too.
+RUNNERS = {"sparse_caffe.inside.bench_runner", "sparse_caffe.inside.layer_bench",
+           "sparse_caffe.inside.measure"}
 # The code that starts those children (a local subprocess, a container).
 EXECUTORS = {"sparse_caffe.host.run", "sparse_caffe.host.bench", "sparse_caffe.host.tune",
-             "sparse_caffe.host.docker_route"}
+             "sparse_caffe.host.docker_route", "sparse_caffe.host.measurement"}
 
 
 def module_name(path: Path) -> str:
@@ -120,9 +124,17 @@ def test_imports_point_down_the_layers():
 
 
 def test_only_the_executors_import_a_child_process_main():
+    child_code = CHILD_MAINS | (RUNNERS - {"sparse_caffe.inside.measure"})  # measure: a library
     wrong = [f"{module} imports {target}" for module, targets in GRAPH.items()
-             for target in targets & CHILD_MAINS if module not in EXECUTORS]
+             for target in targets & child_code if module not in EXECUTORS]
     assert not wrong, wrong
+
+
+def test_the_one_childs_runners_exist_and_have_a_run():
+    from sparse_caffe.inside import child, protocol
+    assert set(child.RUNNERS) <= set(protocol.KINDS) and set(child.RUNNERS.values()) == RUNNERS
+    for module in RUNNERS:
+        assert "\ndef run(spec" in MODULES[module].read_text(), module
 
 
 def test_the_modules_started_by_name_exist_and_have_a_main():
@@ -132,8 +144,9 @@ def test_the_modules_started_by_name_exist_and_have_a_main():
     for path in [*(MODULES[m] for m in EXECUTORS), PROJECT_ROOT / "docker" / "Dockerfile",
                  PROJECT_ROOT / "inv"]:
         text = path.read_text()
+        started.update(f"sparse_caffe.{name}" for name in re.findall(r'"(inside\.\w+)"', text))
         started.update(f"sparse_caffe.{name}" for name in
-                       re.findall(r'pycaffe(?:_json)?\(\s*build,\s*"([\w.]+)"', text))
+                       re.findall(r'pycaffe\(\s*build,\s*"([\w.]+)"', text))
         started.update(re.findall(r"-m\"?,? \"?(sparse_caffe\.[\w.]+)", text))
     assert CHILD_MAINS <= started, CHILD_MAINS - started
     for module in started:

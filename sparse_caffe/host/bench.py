@@ -4,9 +4,9 @@ Each run writes a new folder results/<net>-<weights>-<timestamp>/ (results.json,
 plots). It is assembled under a hidden temporary name and renamed into place only when complete,
 so a failed or interrupted run leaves nothing behind.
 
-With an image of the Docker route, the run is prepared here (the native pycaffe builds the net,
-its weights and the images) and timed in a container of the image (sparse_caffe.host.docker_route);
-the rest is the same.
+The raw result comes from the one measurement entry point, sparse_caffe.host.measurement.measure,
+with a local pycaffe executor, or with the container executor of the Docker route (the run is
+prepared by the native pycaffe and timed in a container of the image); the rest is the same.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import machine
-from . import docker_route, report
-from ..inside import measure
+from . import docker_route, measurement, report
+from ..inside.protocol import RunSpec
 from ..models import memory, nets
 from ..patching import series
 from . import run as run_stage
@@ -86,6 +86,15 @@ class BenchOptions:
         if isinstance(self.images, str) and self.images.isdigit():
             return int(self.images)
         return self.images
+
+    def run_spec(self, threads: int, kind: str = "net", **more) -> RunSpec:
+        """These options as the child reads them: a RunSpec of `kind` for `threads` threads."""
+        return RunSpec(kind=kind, net=self.net, weights=self.weights, paths=self.paths,
+                       backend=self.backend, batch=self.batch, threads=threads,
+                       images=self.image_source, repeats=self.repeats, warmup=self.warmup,
+                       layers=self.layers, transform=self.transform, fc_path=self.fc_path,
+                       pytorch=self.pytorch, cache_dir=str(cache_dir()), auto_path=AUTO_PATH,
+                       **more)
 
 
 WEIGHT_KEYWORDS = ("auto", "skimcaffe", "synthetic", "pruned", "unpruned")
@@ -185,23 +194,11 @@ def check_docker(options: BenchOptions, blas: str) -> None:
     check_backend_blas(options.backend, blas, "image")
 
 
-def measure_in_docker(build: Build, image: docker_route.Image, partial: Path,
-                      threads: int) -> dict:
-    """Prepare the run with the native pycaffe, time it in a container of `image`; leaves
-    partial/raw.json as a native run does and returns the software record."""
-    folder = partial / "docker-run"
-    folder.mkdir()
-    result = run_stage.pycaffe(build, "inside.bench_runner",
-                               ["--export", str(partial / "spec.json"), str(folder)], threads)
-    run_stage.raise_for(result, "preparing the run for the container",
-                        folder.with_suffix(".error"))
-    docker_route.run_measurement(image, folder, threads)
-    if not (folder / measure.RAW_FILE).is_file():
-        raise UserError(f"the benchmark container exited without writing {measure.RAW_FILE}")
-    (folder / measure.RAW_FILE).rename(partial / "raw.json")
-    shutil.rmtree(folder)
-    environment = json.loads((partial / "raw.json").read_text())["environment"]
-    return {**project_info(), **docker_route.software_info(image, environment)}
+def executor(build: Build, threads: int, image: docker_route.Image | None = None):
+    """Who runs the measurement child: the build's pycaffe, or a container of `image` (the run
+    prepared by the build's pycaffe first)."""
+    local = measurement.LocalExecutor(build, threads)
+    return local if image is None else docker_route.ContainerExecutor(image, threads, local)
 
 
 def check_memory(build: Build, options: BenchOptions, threads: int) -> None:
@@ -210,8 +207,8 @@ def check_memory(build: Build, options: BenchOptions, threads: int) -> None:
     available = memory.available_bytes()
     if available is None:
         return
-    result = run_stage.pycaffe(build, "models.memory", [options.net], 1, capture_stderr=True,
-                               capture_stdout=True)
+    result = measurement.pycaffe(build, "models.memory", [options.net], 1, capture_stderr=True,
+                                 capture_stdout=True)
     run_stage.raise_for(result, "estimating the memory the run needs")
     facts = json.loads(result.stdout)
     images = options.image_source if isinstance(options.image_source, int) else 6
@@ -293,34 +290,27 @@ def run_benchmark(build: Build, options: BenchOptions,
     partial.mkdir()
     try:
         claim_partial(partial)
-        spec = {**asdict(options), "images": options.image_source, "cache_dir": str(cache_dir()),
-                "auto_path": AUTO_PATH}
-        (partial / "spec.json").write_text(json.dumps(spec))
         # Progress goes straight to the terminal; errors come back as one line.
-        if image is None:
-            result = run_stage.pycaffe(build, "inside.bench_runner",
-                                       [str(partial / "spec.json"), str(partial / "raw.json")],
-                                       threads)
-            run_stage.raise_for(result, "the benchmark process", partial / "raw.error")
-            software = software_info(build)
-        else:
-            software = measure_in_docker(build, image, partial, threads)
-        raw = json.loads((partial / "raw.json").read_text())
+        raw = measurement.measure(options.run_spec(threads), executor(build, threads, image),
+                                  partial / "run")
+        software = (software_info(build) if image is None else
+                    {**project_info(), **docker_route.software_info(image, raw.environment)})
+        shutil.rmtree(partial / "run")
         layers, net, problems = report.derive(raw, options.batch)
-        baselines, baseline_problems = report.derive_baselines(raw.get("baselines"),
-                                                               raw["agreement_tolerance"])
+        baselines, baseline_problems = report.derive_baselines(raw.baselines,
+                                                               raw.agreement_tolerance)
         problems += baseline_problems
         plan = net.pop("plan", None)  # not a path: the per-layer choice, timed whole
-        weights = raw["weights"]
+        weights = raw.weights
         results = {
             "schema": report.SCHEMA,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine_info": {**machine.machine_info(threads, load_before),
-                             "probe": raw["machine_probe"]},
-            "software": {**software, "sparse_backends": raw["backends_in_build"],
-                         "blas_runtime": raw["blas_runtime"], "onednn": raw.get("onednn", "")},
-            "weights": weights,
-            "images": raw["images"],
+                             "probe": raw.machine_probe},
+            "software": {**software, "sparse_backends": list(raw.backends_in_build),
+                         "blas_runtime": raw.blas_runtime, "onednn": raw.onednn},
+            "weights": weights.to_json(),
+            "images": raw.images,
             "params": {**asdict(options), "paths": list(options.paths), "threads": threads,
                        "warmup_note": "warm-up forwards are run first and not measured",
                        "timing_note": "per-layer times: sum of the layer's phase timers over "
@@ -328,7 +318,7 @@ def run_benchmark(build: Build, options: BenchOptions,
                                       "forwards (wall clock), each followed by the same forward "
                                       "one layer at a time (net.layers_ms, stages_ms, "
                                       "layer_sum_ms; consistency_gap = 1 - sum / whole)"},
-            "agreement_tolerance": raw["agreement_tolerance"],
+            "agreement_tolerance": raw.agreement_tolerance,
             "layers": layers,
             "net": net,
             "plan": plan,
@@ -338,10 +328,8 @@ def run_benchmark(build: Build, options: BenchOptions,
         (partial / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         report.write_csv(results, partial / "results.csv")
         report.plot(results, partial)
-        (partial / "spec.json").unlink()
-        (partial / "raw.json").unlink()
         (partial / OWNER_FILE).unlink()
-        kind = weights["kind"]
+        kind = weights.kind
         final = runs / f"{options.net}-{kind}-{stamp}"
         suffix = 1
         while final.exists():  # never overwrite an earlier run

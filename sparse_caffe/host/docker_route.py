@@ -5,10 +5,12 @@ benchmarks timed in a container of it. Talks to the engine through the Docker SD
   through, packed as the SDK packs a folder), with the pins of sparse_caffe/patching/config.py as build
   arguments, streaming the build's log; the image is tagged sparse-caffe:<patch series hash[:12]>
   (-mkl for an MKL image), so a checkout finds the image of its own series.
-- `./inv bench --docker` prepares the run on the host (sparse_caffe.inside.bench_runner --export: the
-  net as built, its weights, the images) and times it in a container of that image
-  (`python3 -m sparse_caffe.inside.measure`), the run's folder mounted and the container running as the
-  host user, so what it writes belongs to that user; results.json records the image.
+- `./inv bench --docker` measures through the one measurement entry point
+  (sparse_caffe.host.measurement) with its container executor: the run is prepared on the host (a
+  "prepare" RunSpec through the native pycaffe: the net as built, its weights, the images) and
+  measured in a container of that image (`python3 -m sparse_caffe.inside.child`, the one
+  measurement child), the run's folder mounted and the container running as the host user, so
+  what it writes belongs to that user; results.json records the image.
 - No engine, or no network inside the build: one line saying so and pointing to the native build.
 """
 from __future__ import annotations
@@ -24,8 +26,9 @@ from ..patching import series
 from ..patching.build import GTEST_SUITES, MKL_REQUIREMENT
 from ..patching.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, cache_dir
 from ..errors import UserError
-from ..inside.measure import ERROR_FILE
-from .run import thread_env
+from . import measurement
+from ..inside import protocol
+from .measurement import thread_env
 from ..terminal import say
 
 IMAGE_REPOSITORY = "sparse-caffe"
@@ -199,14 +202,22 @@ def find_image(blas: str = "openblas") -> Image:
     return _image(found, tag, blas)
 
 
-def run_measurement(image: Image, folder: Path, threads: int) -> None:
-    """Time the prepared run in `folder` in a container of `image`: the folder is mounted at
-    CONTAINER_RUN_DIR, the container runs as this user, its output streams to the terminal;
-    raw.json lands in the folder. The container is removed afterwards (and on Ctrl-C)."""
-    engine = client()
+def container_command() -> list[str]:
+    """What a container of the image runs: the one measurement child on the mounted run folder
+    (the same command line a native run gives the build's pycaffe, plus the image's record)."""
+    return ["python3", "-m", "sparse_caffe.inside.child", CONTAINER_RUN_DIR,
+            "--image-info", IMAGE_INFO]
+
+
+def run_measurement(image: Image, folder: Path, threads: int, engine=None) -> int:
+    """Run the measurement child on the run folder `folder` in a container of `image`: the
+    folder is mounted at CONTAINER_RUN_DIR, the container runs as this user, its output streams
+    to the terminal; the child leaves raw.json (or error.json) in the folder. The container is
+    removed afterwards (and on Ctrl-C). Returns its exit status. `engine`: a client of the Docker
+    engine (default: the running engine's)."""
+    engine = engine or client()
     container = engine.containers.create(
-        image.id, ["python3", "-m", "sparse_caffe.inside.measure", CONTAINER_RUN_DIR,
-                   "--image-info", IMAGE_INFO],
+        image.id, container_command(),
         volumes={str(folder.resolve()): {"bind": CONTAINER_RUN_DIR, "mode": "rw"}},
         user=f"{os.getuid()}:{os.getgid()}", working_dir="/workspace",
         environment={**thread_env(threads), "HOME": "/tmp"})
@@ -215,14 +226,33 @@ def run_measurement(image: Image, folder: Path, threads: int) -> None:
         for chunk in container.logs(stream=True, follow=True):
             sys.stderr.write(chunk.decode(errors="replace"))
             sys.stderr.flush()
-        status = container.wait()["StatusCode"]
+        return container.wait()["StatusCode"]
     finally:
         container.remove(force=True)
-    if status != 0:
-        error = folder / ERROR_FILE
-        if error.is_file():
-            raise UserError(error.read_text().strip())
-        raise UserError(f"the benchmark container failed (exit {status}); its output is above")
+
+
+class ContainerExecutor:
+    """The measurement executor of the Docker route (see sparse_caffe.host.measurement): runs the
+    one measurement child in a container of `image` (run_measurement) after `preparer` (a
+    measurement.LocalExecutor) has prepared the run folder: the image's Python 3.6 cannot build
+    the nets, weights and images. `engine`: the Docker engine's client (default: the running
+    engine's)."""
+
+    def __init__(self, image: Image, threads: int, preparer, engine=None):
+        self.image, self.threads, self.preparer, self.engine = image, threads, preparer, engine
+
+    def prepared(self, spec: protocol.RunSpec, folder: Path) -> protocol.RunSpec:
+        """The spec's net, weights and images prepared into `folder` by the preparer; the
+        "prepared" RunSpec it wrote there."""
+        measurement.run_child(self.preparer, folder, spec.replace(kind="prepare"),
+                              "preparing the run for the container", expect_result=False)
+        return protocol.RunSpec.read(folder / protocol.SPEC_FILE)
+
+    def run(self, folder: Path, module: str = measurement.CHILD,
+            args: tuple = ()) -> tuple[int, str]:
+        if module != measurement.CHILD or args:
+            raise UserError(f"the container runs only the measurement child, not {module}")
+        return run_measurement(self.image, folder, self.threads, self.engine), ""
 
 
 def software_info(image: Image, environment: dict) -> dict:

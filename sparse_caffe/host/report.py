@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from ..errors import UserError
+from ..inside.protocol import RawResult
 from ..inside.measure import lower_bound
 from ..patching.config import CONV_TEMPLATE_CONFIG
 
@@ -61,15 +62,15 @@ def round_ratios(dense: list[float], other: list[float]) -> dict:
     return summary
 
 
-def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
-    """Per-layer and per-net results with statistics, from the runner's raw measurements."""
-    paths = list(raw["paths"])
+def derive(raw: RawResult, batch: int) -> tuple[list[dict], dict, list[str]]:
+    """Per-layer and per-net results with statistics, from the child's "net" RawResult."""
+    paths = list(raw.paths)
     baseline = paths[0]
     layers, problems = [], []
-    for name in raw["layers"]:
+    for name in raw.layers:
         per_path = {}
         for path in paths:
-            measured = raw["paths"][path]
+            measured = raw.paths[path]
             phases = measured["phases_ms"][name]
             totals = [sum(values) for values in zip(*phases.values())]
             counters = measured["counters"][name]
@@ -83,12 +84,12 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
         dense = per_path[baseline]
         c = dense["counters"]
         images = c["calls"]
-        entry = {"name": name, **raw["shapes"][name],
+        entry = {"name": name, **raw.shapes[name],
                  "weight_sparsity": 1 - c["weight_nonzeros"] / c["weight_elements"],
                  "input_sparsity": 1 - c["input_nonzeros"] / c["input_elements"],
                  "dense_macs_per_image": c["dense_macs"] / images,
                  "useful_macs_per_image": c["useful_macs"] / images, "paths": per_path}
-        probe = raw.get("machine_probe")
+        probe = raw.machine_probe
         if probe:
             entry["limit"] = layer_limit(entry, c, batch, probe)
         for path, result in per_path.items():
@@ -100,21 +101,21 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
             result["effective_gflops"] = 2 * entry["dense_macs_per_image"] * batch / seconds / 1e9
             result["useful_gflops"] = 2 * entry["useful_macs_per_image"] * batch / seconds / 1e9
             result["input2csr_share"] = result["phases_ms"].get("input2csr", 0.0) / result["stats"]["median"]
-            result["agrees"] = result["max_rel_diff"] <= raw["agreement_tolerance"]
+            result["agrees"] = result["max_rel_diff"] <= raw.agreement_tolerance
             if not result["agrees"]:
                 problems.append(f"{name} on {path}: output differs from dense by "
                                 f"{result['max_rel_diff']:.1e} of its largest value")
         for path in paths:  # the auto path: what each layer's calibration chose, and why
-            calibration = raw["paths"][path].get("auto")
+            calibration = raw.paths[path].get("auto")
             if calibration and name in calibration["choices"]:
                 entry["auto_choice"] = calibration["choices"][name]
-        torch_run = (raw.get("pytorch") or {}).get("layers", {}).get(name)
+        torch_run = (raw.pytorch or {}).get("layers", {}).get(name)
         if torch_run:
             entry["pytorch"] = {"times_ms": torch_run["times_ms"], "stats": stats(torch_run["times_ms"]),
                                 "memory_format": torch_run.get("memory_format", "contiguous"),
                                 "times_by_format_ms": torch_run.get("times_by_format_ms"),
                                 "max_rel_diff": torch_run["max_rel_diff"],
-                                "agrees": torch_run["max_rel_diff"] <= raw["agreement_tolerance"]}
+                                "agrees": torch_run["max_rel_diff"] <= raw.agreement_tolerance}
             entry["pytorch"]["speedup_vs_dense"] = (dense["stats"]["median"] /
                                                     entry["pytorch"]["stats"]["median"])
             if not entry["pytorch"]["agrees"]:
@@ -123,12 +124,12 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
         layers.append(entry)
     net = {}
     for path in paths:
-        times = raw["paths"][path]["net_times_ms"]
+        times = raw.paths[path]["net_times_ms"]
         net[path] = {"times_ms": times, "stats": stats(times),
-                     "top1_agreement": raw["paths"][path]["top1_agreement"],
+                     "top1_agreement": raw.paths[path]["top1_agreement"],
                      # the last blob's difference from dense's, through the whole net
-                     "output_max_rel_diff": raw["paths"][path].get("output_max_rel_diff"),
-                     **layer_breakdown(raw["net_layers"], raw["paths"][path]["layer_times_ms"])}
+                     "output_max_rel_diff": raw.paths[path].get("output_max_rel_diff"),
+                     **layer_breakdown(raw.net_layers, raw.paths[path]["layer_times_ms"])}
         whole, layer_sum = net[path]["stats"]["median"], net[path]["layer_sum_ms"]
         net[path]["consistency_gap"] = (whole - layer_sum) / whole
         if abs(net[path]["consistency_gap"]) > CONSISTENCY_TOLERANCE:
@@ -143,10 +144,10 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
             problems.append(f"whole net on {path}: top-1 agrees with dense on "
                             f"{net[path]['top1_agreement']:.1%} of the images")
         output_diff = net[path]["output_max_rel_diff"]
-        if output_diff is not None and output_diff > raw["agreement_tolerance"]:
+        if output_diff is not None and output_diff > raw.agreement_tolerance:
             problems.append(f"whole net on {path}: its last blob differs from dense's by "
                             f"{output_diff:.1e} of its largest value")
-        calibration = raw["paths"][path].get("auto")
+        calibration = raw.paths[path].get("auto")
         if calibration:
             net[path]["auto"] = calibration
             if calibration.get("replanned_during_rounds"):
@@ -156,7 +157,7 @@ def derive(raw: dict, batch: int) -> tuple[list[dict], dict, list[str]]:
     for path in paths:
         net[path]["speedup_per_round"] = round_ratios(net[baseline]["times_ms"], net[path]["times_ms"])
         net[path]["speedup_vs_dense"] = net[path]["speedup_per_round"]["median"]
-    plan = raw.get("plan")
+    plan = raw.plan
     if plan:
         dense_times, times = plan["dense_net_times_ms"], plan["net_times_ms"]
         per_round = round_ratios(dense_times, times)

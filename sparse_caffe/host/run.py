@@ -1,7 +1,6 @@
 """Run stage: run things against a finished build (Caffe's own gtests; pycaffe in a subprocess)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,11 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..patching.build import Build
-from ..patching.config import PROJECT_ROOT, cache_dir, results_dir, user_path, writable_folder
+from ..patching.config import cache_dir, results_dir, user_path, writable_folder
 from ..errors import UserError
 from ..files import atomic_path, atomic_write_json
+from ..inside.measure import AGREEMENT_TOLERANCE
+from ..inside.protocol import RunSpec, WeightsRecord
 from ..inside.rss_probe import SMALL_NET  # the memory task's own small synthetic net
-from ..shell import die_with_parent
+from . import measurement
+from .measurement import thread_env
+
+# bench-layer's warm-up forwards per candidate (caches, the weights' CSR, thread pools).
+LAYER_WARMUP = 5
 
 
 # More threads than this many per core only measure the operating system's scheduler.
@@ -44,54 +49,26 @@ def warn_oversubscribed(threads: int, cores: int | None = None) -> None:
               "timings measure oversubscription too", file=sys.stderr)
 
 
-def thread_env(threads: int) -> dict:
-    """One thread count for OpenMP, OpenBLAS and MKL, so every path gets the same cores."""
-    value = str(threads)
-    return {"OMP_NUM_THREADS": value, "OPENBLAS_NUM_THREADS": value, "MKL_NUM_THREADS": value}
-
-
-def pycaffe(build: Build, module: str, args: list[str], threads: int,
-            capture_stderr: bool = False, capture_stdout: bool = False,
-            extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m sparse_caffe.<module> args` with the build's pycaffe and `threads` threads."""
-    env = build.env()
-    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
-    env.update(thread_env(threads))
-    env.update(extra_env or {})
-    # subprocess.run kills the child if this process is interrupted (Ctrl-C, SIGTERM through
-    # tasks.user_errors); die_with_parent covers a parent killed outright.
-    return subprocess.run([sys.executable, "-m", f"sparse_caffe.{module}", *args], env=env,
-                          stderr=subprocess.PIPE if capture_stderr else None,
-                          stdout=subprocess.PIPE if capture_stdout else None, text=True,
-                          preexec_fn=die_with_parent)
-
-
-def pycaffe_json(build: Build, module: str, spec: dict, args: list[str], threads: int, what: str,
-                 extra_env: dict | None = None) -> dict:
-    """Run a pycaffe module that reads a benchmark spec (a JSON file, its first argument) and
-    prints one JSON object last; that object, or one line for its failure."""
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_file = Path(tmp) / "spec.json"
-        spec_file.write_text(json.dumps(spec))
-        result = pycaffe(build, module, [str(spec_file), *args], threads, capture_stderr=True,
-                         capture_stdout=True, extra_env=extra_env)
-    raise_for(result, what)
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def raise_for(result: subprocess.CompletedProcess, what: str, error_file: Path | None = None) -> None:
-    """One clear line for a failed pycaffe subprocess: its own error message (from error_file or
-    an `error:` line), else the tail of its output."""
+def raise_for(result: subprocess.CompletedProcess, what: str) -> None:
+    """One clear line for a failed pycaffe subprocess that prints its result (the sparsity report,
+    the memory estimate): its own `error:` line, else the tail of its output."""
     if result.returncode == 0:
         return
-    if error_file is not None and error_file.is_file():
-        raise UserError(error_file.read_text().strip())
     lines = (result.stderr or "").splitlines()
     errors = [ln for ln in lines if ln.startswith("error:")]
     if errors:
         raise UserError(errors[-1][len("error: "):])
     tail = "\n".join(lines[-8:])
     raise UserError(f"{what} failed (exit {result.returncode})" + (f":\n{tail}" if tail else ""))
+
+
+def child_result(build: Build, module: str, spec: RunSpec, threads: int, what: str,
+                 args: tuple = (), extra_env: dict | None = None) -> dict:
+    """Run a pycaffe child that ends the protocol's way (check-baseline's plain loop, the memory
+    probe) on `spec` in a scratch run folder; its result, or one line for its failure."""
+    executor = measurement.LocalExecutor(build, threads, extra_env=extra_env, capture=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        return measurement.run_child(executor, Path(tmp), spec, what, module, args)
 
 
 # How far bench's dense whole forward may be from the plain loop's before the baseline is suspect.
@@ -103,15 +80,18 @@ def check_baseline(build: Build, results: dict, forwards: int = 30) -> tuple[flo
     same net, weights, images, batch, threads) and compare it with the run's dense median.
     Returns (bench's median, the plain loop's median); UserError beyond BASELINE_TOLERANCE."""
     params = results["params"]
-    weights = Path(results["weights"]["path"])
+    weights = Path(WeightsRecord.from_json(results["weights"]).path)
     if not weights.is_file():
         raise UserError(f"the run's weights {weights} are gone; re-run ./inv bench")
     images = params["images"]
-    spec = {**params, "paths": ["dense"], "weights": str(weights),
-            "images": int(images) if isinstance(images, str) and images.isdigit() else images,
-            "cache_dir": str(cache_dir())}
-    plain = pycaffe_json(build, "inside.plain_forward", spec, ["--forwards", str(forwards)],
-                         int(params["threads"]), "the plain pycaffe loop",
+    threads = int(params["threads"])
+    spec = RunSpec(kind="net", net=params["net"], weights=str(weights), paths=["dense"],
+                   backend=params["backend"], batch=params["batch"], threads=threads,
+                   images=int(images) if isinstance(images, str) and images.isdigit() else images,
+                   repeats=params["repeats"], warmup=params["warmup"], layers=params["layers"],
+                   transform=params["transform"], cache_dir=str(cache_dir()))
+    plain = child_result(build, "inside.plain_forward", spec, threads, "the plain pycaffe loop",
+                         ("--forwards", str(forwards)),
                          extra_env={"OMP_WAIT_POLICY": "passive"})["median_ms"]
     bench = results["net"]["dense"]["stats"]["median"]
     if abs(bench - plain) / plain > BASELINE_TOLERANCE:
@@ -138,15 +118,13 @@ def sparsity_report(build: Build, net: str, weights: str, images: str | None, ba
     """Run sparse_caffe.inside.sparsity against a build; its JSON is written to `target` when complete."""
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
-    with atomic_path(target) as partial:
-        args = ["--net", net, "--weights", weights, "--batch", str(batch), "--json", str(partial)]
-        if images:
-            args += ["--images", images]
-        result = pycaffe(build, "inside.sparsity", args, os.cpu_count() or 1, capture_stderr=True)
-        if result.stderr:
-            sys.stderr.write("".join(ln + "\n" for ln in result.stderr.splitlines()
-                                     if not ln.startswith("error:")))
-        raise_for(result, "the sparsity report")
+    spec = RunSpec(kind="net", net=net, weights=weights, batch=batch,
+                   images=int(images) if images and images.isdigit() else images,
+                   cache_dir=str(cache_dir()))
+    executor = measurement.LocalExecutor(build, os.cpu_count() or 1)
+    with atomic_path(target) as partial, tempfile.TemporaryDirectory() as tmp:
+        measurement.run_child(executor, Path(tmp), spec, "the sparsity report", "inside.sparsity",
+                              ("--json", str(partial)), expect_result=False)
     return target
 
 
@@ -164,11 +142,12 @@ def memory(build: Build, net: str, weights: str, batch: int, paths: list[str], f
     out_dir = writable_folder(results_dir() / "memory", "the results folder (SPARSE_CAFFE_RESULTS)")
     if net == SMALL_NET:
         weights = "synthetic"  # its weights are always the probe's seeded synthetic ones
-    spec = {"net": net, "weights": weights, "batch": batch, "images": None, "layers": layers,
-            "transform": "fold", "cache_dir": str(cache_dir())}
-    measured = {path: pycaffe_json(build, "inside.rss_probe", spec,
-                                   ["--path", path, "--forwards", str(forwards)], threads,
-                                   f"the memory probe on {path}") for path in paths}
+    spec = RunSpec(kind="net", net=net, weights=weights, batch=batch, threads=threads,
+                   layers=layers, transform="fold", cache_dir=str(cache_dir()))
+    measured = {path: child_result(build, "inside.rss_probe", spec, threads,
+                                   f"the memory probe on {path}",
+                                   ("--path", path, "--forwards", str(forwards)))
+                for path in paths}
     dense = measured[paths[0]]["after_forwards"]["peak_mib"]
     for entry in measured.values():
         entry["peak_vs_dense"] = entry["after_forwards"]["peak_mib"] / dense
@@ -203,20 +182,28 @@ def bench_layer_check(shape: str, threads: int, weight_zeros: float, input_zeros
 
 def bench_layer(build: Build, shape: str, threads: int, weight_zeros: float, input_zeros: float,
                 repeats: int) -> Path:
-    """Run sparse_caffe.inside.layer_bench against a build; its JSON lands in results/layer-bench/."""
+    """./inv bench-layer: one synthetic layer measured through the one measurement entry point
+    (a "layer" RunSpec in the build's pycaffe); prints its table and writes its JSON to
+    results/layer-bench/, unless a path disagreed with dense (then one line, and no file)."""
     threads = bench_layer_check(shape, threads, weight_zeros, input_zeros, repeats)
     warn_oversubscribed(threads)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = writable_folder(results_dir() / "layer-bench",
                               "the results folder (SPARSE_CAFFE_RESULTS)")
     target = out_dir / f"{shape}-{build.inputs['blas']}-t{threads}-{stamp}.json"
-    with atomic_path(target) as partial:
-        result = pycaffe(build, "inside.layer_bench", ["--shape", shape, "--weight-zeros",
-                                                       str(weight_zeros), "--input-zeros",
-                                                       str(input_zeros), "--repeats", str(repeats),
-                                                       "--json", str(partial)], threads)
-        if result.returncode != 0 or not partial.is_file():
-            raise UserError("the layer benchmark failed or a path disagreed with dense (see above)")
+    spec = RunSpec(kind="layer", shape=shape, threads=threads, weight_zeros=weight_zeros,
+                   input_zeros=input_zeros, repeats=repeats, warmup=LAYER_WARMUP)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = measurement.measure(spec, measurement.LocalExecutor(build, threads), Path(tmp),
+                                  "the layer benchmark")
+    record = raw.layer
+    print(measurement.layer_table(record))
+    differ = [f"{r['path']}/{r['backend']}" for r in record["results"]
+              if r["max_rel_diff"] > AGREEMENT_TOLERANCE]
+    if differ:
+        raise UserError(f"{', '.join(differ)} differed from dense on {shape} (see the table); "
+                        "no result written")
+    atomic_write_json(target, record, indent=2)
     return target
 
 

@@ -16,12 +16,13 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import machine
-from . import bench
+from . import bench, measurement
 from . import run as run_stage
+from ..inside.protocol import RunSpec, WeightsRecord
 from ..patching.build import Build
 from ..patching.config import cache_dir, results_dir, user_path, writable_folder
 from ..errors import UserError
@@ -103,22 +104,20 @@ def check_environment() -> None:
                         f"the tuned prototxt could choose per layer; unset it (unset {found[0]})")
 
 
-def spec_for(options: TuneOptions) -> dict:
-    bench_options = options.bench_options()
-    return {**asdict(bench_options), "paths": list(bench_options.paths),
-            "images": bench_options.image_source, "cache_dir": str(cache_dir()),
-            "auto_path": bench.AUTO_PATH}  # tune_runner keeps what this path chooses
+def spec_for(options: TuneOptions, threads: int, **outputs) -> RunSpec:
+    """The tune runner's RunSpec: bench's run of these options (all paths, tune_runner keeps
+    what the auto path chooses); with `outputs` (prototxt_out, caffemodel_out, prototxt_header)
+    a "tune" spec that writes the deploy files, without them a "net" spec for the key only."""
+    return options.bench_options().run_spec(threads, kind="tune" if outputs else "net",
+                                             **outputs)
 
 
-def pycaffe_run(build: Build, spec: dict, threads: int, key_only: bool, folder: Path) -> dict:
-    """Run sparse_caffe.inside.tune_runner on `spec`; its JSON, or one line for its failure."""
-    spec_file, out = folder / "tune-spec.json", folder / "tune-out.json"
-    spec_file.write_text(json.dumps(spec))
-    result = run_stage.pycaffe(build, "inside.tune_runner", [str(spec_file), str(out)] +
-                               (["--key-only"] if key_only else []), threads,
-                               capture_stderr=key_only)
-    run_stage.raise_for(result, "the tune process", out.with_suffix(".error"))
-    return json.loads(out.read_text())
+def pycaffe_run(build: Build, spec: RunSpec, threads: int, key_only: bool, folder: Path) -> dict:
+    """Run sparse_caffe.inside.tune_runner on `spec` in the run folder `folder`; its result, or
+    one line for its failure."""
+    executor = measurement.LocalExecutor(build, threads, capture=key_only)
+    return measurement.run_child(executor, folder, spec, "the tune process", "inside.tune_runner",
+                                 ("--key-only",) if key_only else ())
 
 
 def plan_key(build: Build, facts: dict, options: TuneOptions, threads: int) -> dict:
@@ -127,6 +126,7 @@ def plan_key(build: Build, facts: dict, options: TuneOptions, threads: int) -> d
     machine_facts = machine.machine_info(threads, os.getloadavg())
     software = bench.software_info(build)
     runtime = facts["blas_runtime"]
+    weights = WeightsRecord.from_json(facts["weights"])
     key = {"net": options.net, "transform": "fold", "cpu": machine_facts["cpu"],
            "simd_flags": machine_facts["simd_flags"], "direct_isa": facts["direct_isa"],
            "blas": software["blas"], "mkl": software["mkl"],
@@ -134,7 +134,7 @@ def plan_key(build: Build, facts: dict, options: TuneOptions, threads: int) -> d
                                                          "openmp_runtimes")},
            "caffe_source": software["caffe_source"],
            "patch_series_sha256": software["patch_series_sha256"],
-           "compiler": software["compiler"], "weights_sha256": facts["weights"]["sha256"],
+           "compiler": software["compiler"], "weights_sha256": weights.sha256,
            "threads": threads, "batch": options.batch, "layers": facts["layers"]}
     return json.loads(json.dumps(key))  # as it reads back from the file
 
@@ -187,7 +187,7 @@ def check_plan(build: Build, plan_path: Path, options: TuneOptions, threads: int
     """The plan at plan_path if its key matches this machine, build, weights, threads, batch and
     net; else UserError naming the first key that differs."""
     plan = load_plan(plan_path)
-    facts = pycaffe_run(build, spec_for(options), threads, True, folder)
+    facts = pycaffe_run(build, spec_for(options, threads), threads, True, folder)
     mismatch = first_mismatch(plan["key"], plan_key(build, facts, options, threads))
     if mismatch:
         name, old, new = mismatch
@@ -286,11 +286,12 @@ def measure_or_check(build: Build, options: TuneOptions, threads: int,
         bench.check_memory(build, options.bench_options(), threads)
         run_stage.warn_oversubscribed(threads)
         load_before = bench.warn_if_busy(threads)
-        spec = {**spec_for(options), "caffemodel_out": str(partials[0]),
-                "prototxt_out": str(partials[1]),
-                "prototxt_header": f"Tuned by ./inv tune ({time.strftime('%Y-%m-%d %H:%M')}): "
-                                   f"plan {plan_path}\nforward_path per layer as in the plan; "
-                                   f"weights: {weights_path.name} (BatchNorm folded, ReLU fused)"}
+        spec = spec_for(options, threads, caffemodel_out=str(partials[0]),
+                        prototxt_out=str(partials[1]),
+                        prototxt_header=f"Tuned by ./inv tune ({time.strftime('%Y-%m-%d %H:%M')}): "
+                                        f"plan {plan_path}\nforward_path per layer as in the plan; "
+                                        f"weights: {weights_path.name} (BatchNorm folded, ReLU "
+                                        "fused)")
         raw = pycaffe_run(build, spec, threads, False, folder)
         key = plan_key(build, raw, options, threads)
         plan = {
@@ -311,9 +312,9 @@ def measure_or_check(build: Build, options: TuneOptions, threads: int,
             "software": bench.software_info(build),
         }
         partials[2].write_text(json.dumps(plan, indent=1) + "\n")
-        if plan["weights"].get("license"):  # the weights' licence travels with weights made from them
-            atomic_write_text(license_beside(weights_path),
-                              Path(plan["weights"]["license"]).read_text())
+        licence = WeightsRecord.from_json(plan["weights"]).license
+        if licence:  # the weights' licence travels with weights made from them
+            atomic_write_text(license_beside(weights_path), Path(licence).read_text())
         for partial, final in zip(partials, targets):
             partial.rename(final)
     except BaseException:

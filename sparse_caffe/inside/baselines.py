@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from . import measure
+from . import measure, protocol
 from ..models import torch_net
 
 ONNX_OPSET = 17
@@ -161,7 +161,7 @@ def onnxruntime_session(torch, model, example, threads: int, folder: str):
 
 
 def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_count: int,
-                      spec: dict, caffe_rows: dict, compile_too: bool = True,
+                      spec: protocol.RunSpec, caffe_rows: dict, compile_too: bool = True,
                       say=measure.say) -> dict:
     """Raw measurements of the whole-net baselines (see the module doc). caffe_rows: {name:
     () -> None that switches `net` to that configuration}, timed in the same rounds (dense
@@ -169,7 +169,7 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
     import torch
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
-    batch = spec["batch"]
+    batch = spec.batch
     check_feeds = feeds[:-(-image_count // batch)]
     caffe_rows["dense"]()
     reference = []
@@ -243,21 +243,20 @@ def measure_whole_net(caffe, net, net_text: str, feeds: list[np.ndarray], image_
                 times.append((time.perf_counter() - start) * 1e3)
             return times
 
-        for i in range(spec["warmup"]):
+        for i in range(spec.warmup):
             for kind, name in rows:
                 forward(kind, name, feeds[i % len(feeds)])
         result["recalibration_forwards"] = recalibrate_auto(caffe, net, caffe_rows, feeds)
-        for i in range(spec["repeats"]):
-            feed = feeds[i % len(feeds)]
-            order = [rows[(i + k) % len(rows)] for k in range(len(rows))]
-            result["round_order"].append([name for _, name in order])
-            for kind, name in order:
-                after_idle, back_to_back = forward(kind, name, feed)
-                target = result["caffe"][name] if kind == "caffe" else result["variants"][name]
-                target["times_ms"].append(after_idle)
-                target["back_to_back_ms"].append(back_to_back)
-            if i == 0 or (i + 1) % 5 == 0:
-                say(f"[baselines] round {i + 1} of {spec['repeats']}")
+        for i, position, (kind, name) in measure.rotated_rounds(rows, spec.repeats):
+            if position == 0:
+                result["round_order"].append([])
+            result["round_order"][-1].append(name)
+            after_idle, back_to_back = forward(kind, name, feeds[i % len(feeds)])
+            target = result["caffe"][name] if kind == "caffe" else result["variants"][name]
+            target["times_ms"].append(after_idle)
+            target["back_to_back_ms"].append(back_to_back)
+            if position == len(rows) - 1 and (i == 0 or (i + 1) % 5 == 0):
+                say(f"[baselines] round {i + 1} of {spec.repeats}")
     caffe_rows["dense"]()
     # Caffe and PyTorch share one OpenMP runtime when only one is mapped (torch's wheel names
     # libgomp.so.1, which the loader finds already loaded); ONNX Runtime has its own pool.

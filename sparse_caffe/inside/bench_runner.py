@@ -1,49 +1,48 @@
-"""Inside pycaffe: run one benchmark spec and write its raw measurements as JSON.
+"""Inside pycaffe: the runner of a "net" RunSpec (prepare the net, then measure it) and of a
+"prepare" one (only prepare a run folder for the Docker image's "prepared" runner).
 
-Started by sparse_caffe.host.bench in a subprocess whose PYTHONPATH names the build and whose
-environment fixes the threads. Everything that needs Caffe happens here; statistics, files and
-plots happen in the parent. For a user mistake: exit 2, the message in <out>.error.
+Started by the one measurement child, sparse_caffe.inside.child, in a subprocess whose PYTHONPATH
+names the build and whose environment fixes the threads. Everything that needs Caffe happens
+here; statistics, files and plots happen in the parent.
 
 Preparing a run (weights, images, the net as built) is sparse_caffe.inside.prepare; timing it is
-sparse_caffe.inside.measure, which the Docker image runs on its own: with --export, this writes a
-prepared run folder for it instead of measuring.
+sparse_caffe.inside.measure, which the Docker image runs on its own on a prepared folder.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import baselines, measure
+from . import baselines, measure, protocol
 from ..models import images as images_stage
 from ..models.nets import conv_geometry
-from .prepare import prepare, report_to_parent
+from .prepare import prepare
 
 
-def run(spec: dict) -> dict:
-    import caffe
-    caffe.set_mode_cpu()
+def run(spec: protocol.RunSpec, folder: str, caffe) -> protocol.RawResult | None:
+    """What sparse_caffe.inside.child runs for a "net" or a "prepare" RunSpec."""
+    if spec.kind == "prepare":
+        export(caffe, spec, Path(folder))
+        return None
     net, net_text, layers, weights, images = prepare(caffe, spec)
-    feeds = list(images_stage.batches(images, spec["batch"],
+    feeds = list(images_stage.batches(images, spec.batch,
                                       measure.feed_count(spec, images.count)))
     net.blobs["data"].data[...] = feeds[0]
     blas = measure.checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
     measured = measure.measure_paths(caffe, net, layers, feeds, images.count, spec)
     pytorch = (torch_baseline(caffe, net, net_text, layers, measured["dense_inputs"],
                               measured["reference"], spec)
-               if spec.get("pytorch") else None)
+               if spec.pytorch else None)
     raw = measure.raw_result(caffe, net, layers, measured, weights, images.describe(), pytorch,
                              blas)
-    if spec.get("pytorch"):
-        raw["baselines"] = baselines.measure_whole_net(
+    if spec.pytorch:
+        raw = raw.replace(baselines=baselines.measure_whole_net(
             caffe, net, net_text, feeds, images.count, spec,
-            caffe_rows(caffe, measured, spec, layers))
+            caffe_rows(caffe, measured, spec, layers)))
     return raw
 
 
@@ -58,11 +57,11 @@ def caffe_rows(caffe, measured: dict, spec: dict, layers: list[str]) -> dict:
     rows = {"dense": dense}
     if measured.get("plan"):
         rows["plan"] = lambda: measure.use_plan(caffe, measured["plan"], spec)
-    auto = spec.get("auto_path")
+    auto = spec.auto_path
     if auto and auto in measured["paths"]:
         def auto_row():  # as measure_paths() runs it: the timed convolutions and every InnerProduct
             caffe.clear_conv_forward_paths()
-            caffe.set_conv_sparse_backend(spec["backend"])
+            caffe.set_conv_sparse_backend(spec.backend)
             for name in layers:
                 caffe.set_conv_forward_path(auto, name)
             if hasattr(caffe, "set_fc_forward_path"):
@@ -71,18 +70,17 @@ def caffe_rows(caffe, measured: dict, spec: dict, layers: list[str]) -> dict:
     return rows
 
 
-def export(spec: dict, folder: Path) -> None:
-    """A prepared run folder for sparse_caffe.inside.measure in the Docker image: the net as built here
-    (BatchNorm folded, ReLUs fused, as for a native run), its weights, the preprocessed images,
-    and the spec with the layers to time and the weights' and images' records."""
-    import caffe
-    caffe.set_mode_cpu()
+def export(caffe, spec: protocol.RunSpec, folder: Path) -> None:
+    """A prepared run folder for the "prepared" runner (sparse_caffe.inside.measure.run) in the
+    Docker image: the net as built here (BatchNorm folded, ReLUs fused, as for a native run), its
+    weights, the preprocessed images, and in place of the spec the "prepared" RunSpec with the
+    layers to time and the weights' and images' records."""
     net, net_text, layers, weights, images = prepare(caffe, spec)
-    (folder / measure.DEPLOY_FILE).write_text(net_text)
-    net.save(str(folder / measure.WEIGHTS_FILE))
-    np.save(folder / measure.IMAGES_FILE, np.ascontiguousarray(images.data, dtype=np.float32))
-    (folder / measure.SPEC_FILE).write_text(json.dumps(
-        {**spec, "layer_names": layers, "weights_info": weights, "images_info": images.describe()}))
+    (folder / protocol.DEPLOY_FILE).write_text(net_text)
+    net.save(str(folder / protocol.WEIGHTS_FILE))
+    np.save(folder / protocol.IMAGES_FILE, np.ascontiguousarray(images.data, dtype=np.float32))
+    spec.replace(kind="prepared", layer_names=layers, weights_info=weights,
+                 images_info=images.describe()).write(folder / protocol.SPEC_FILE)
 
 
 def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, outputs: dict,
@@ -121,10 +119,10 @@ def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, o
             return torch.relu(y) if c.fused_relu else y
         times = {f: [] for f in formats}
         with torch.inference_mode():
-            for _ in range(spec["warmup"]):
+            for _ in range(spec.warmup):
                 for f in formats:
                     forward(f)
-            for i in range(spec["repeats"]):
+            for i in range(spec.repeats):
                 for f in (list(formats) if i % 2 == 0 else list(formats)[::-1]):
                     start = time.perf_counter()
                     y = forward(f)
@@ -136,20 +134,3 @@ def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, o
         results["layers"][name] = {"times_ms": times[best], "memory_format": best,
                                    "times_by_format_ms": times, "max_rel_diff": difference}
     return results
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("spec", help="JSON file with the benchmark spec")
-    parser.add_argument("out", help="where to write the raw measurements (JSON)")
-    parser.add_argument("--export", action="store_true",
-                        help="write a prepared run folder at `out` (for the Docker image) instead")
-    args = parser.parse_args(argv)
-    spec = json.loads(Path(args.spec).read_text())
-    if args.export:
-        return report_to_parent(Path(args.out), lambda: export(spec, Path(args.out)), write=False)
-    return report_to_parent(Path(args.out), lambda: run(spec))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,25 +1,27 @@
-"""One convolution layer, timed on every forward path and back end, side by side in one process.
+"""One convolution layer, timed on every forward path and back end, side by side in one process:
+the runner of a "layer" RunSpec.
 
-Run through `./inv bench-layer` (which picks the build and the threads); it imports pycaffe, so it
-runs in a subprocess whose PYTHONPATH names the build. The layer's weights are synthetic: seeded
+Run through `./inv bench-layer` (which picks the build and the threads): the one measurement child
+(sparse_caffe.inside.child) runs it inside pycaffe. The layer's weights are synthetic: seeded
 Gaussian, magnitude-pruned to the requested sparsity; its input is a seeded Gaussian through a
-ReLU-like threshold to the requested fraction of zeros. Labelled synthetic in every output.
+ReLU-like threshold to the requested fraction of zeros. Labelled synthetic in every output. The
+candidates are timed in measure's rotated rounds, as a net's paths are; the host prints the table
+(sparse_caffe.host.measurement.layer_table).
 """
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import statistics
-import sys
-import time
-from dataclasses import asdict, dataclass
+import tempfile
 
 import numpy as np
 
+from ..machine import machine_info
 from ..models.pruning import prune_blob
 from ..patching.config import CONV_TEMPLATE_CONFIG
-from .measure import (AGREEMENT_TOLERANCE, checked_blas_runtime, lower_bound, probe_machine,
-                      relative_difference)
+from . import protocol
+from .measure import (checked_blas_runtime, lower_bound, probe_machine, profiled_forward,
+                      relative_difference, rotated_rounds, timed_ms)
 
 # Layer shapes worth timing alone; res5 branch2b is ResNet-50's last 3x3 (SkimCaffe: 97.8-98.0%
 # zero weights).
@@ -39,19 +41,6 @@ SHAPES = {
     "res3_branch2c": dict(batch=1, channels=128, size=28, num_output=512, kernel=1, pad=0, stride=1),
     "caffenet_conv3": dict(batch=1, channels=256, size=13, num_output=384, kernel=3, pad=1, stride=1),
 }
-
-
-@dataclass
-class Measurement:
-    path: str
-    backend: str
-    forward_ms: list
-    phase_ms: dict
-    max_rel_diff: float
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.forward_ms)
 
 
 def synthetic_layer(caffe, shape: dict, weight_zeros: float, input_zeros: float, seed: int, tmp):
@@ -76,9 +65,10 @@ def synthetic_layer(caffe, shape: dict, weight_zeros: float, input_zeros: float,
 
 def measure_all(caffe, net, candidates, warmup: int, repeats: int, dense_out):
     """Time every (path, backend) of `candidates` side by side: warm-up forwards each, then
-    `repeats` rounds in which every candidate runs once, in an order rotated each round (drift on
-    a shared machine hits all alike), unprofiled (its counting costs time); then the same rounds
-    profiled, for the phase breakdown. Returns one Measurement per candidate, in order."""
+    `repeats` of measure's rotated rounds (measure.rotated_rounds, as a net's paths), in which
+    every candidate runs one profiled forward (the phase breakdown) and then one unprofiled
+    forward (the time), as measure.measure_paths does per path. Returns one record per candidate,
+    in order, and the first candidate's profile (the layer's counters)."""
     def use(path, backend):
         caffe.set_conv_forward_path(path, "conv")
         caffe.set_conv_sparse_backend(backend, "conv")
@@ -89,68 +79,37 @@ def measure_all(caffe, net, candidates, warmup: int, repeats: int, dense_out):
         use(*candidate)
         for _ in range(warmup):
             net.forward()
-    caffe.set_conv_profiling(False)
-    for i in range(repeats):
-        for k in range(len(candidates)):
-            candidate = candidates[(i + k) % len(candidates)]
-            use(*candidate)
-            start = time.perf_counter()
-            net.forward()
-            times[candidate].append((time.perf_counter() - start) * 1e3)
     counters = {}
-    for i in range(repeats):
-        for k in range(len(candidates)):
-            candidate = candidates[(i + k) % len(candidates)]
-            use(*candidate)
-            caffe.reset_conv_profile()
-            caffe.set_conv_profiling(True)
-            net.forward()
-            caffe.set_conv_profiling(False)
-            profile = caffe.conv_profile()["conv"]
-            counters[candidate] = profile
-            for phase, seconds in profile["seconds"].items():
-                phases[candidate].setdefault(phase, []).append(seconds * 1e3)
+    for _, _, candidate in rotated_rounds(candidates, repeats):
+        use(*candidate)
+        profile = profiled_forward(caffe, net.forward)["conv"]
+        counters[candidate] = profile
+        for phase, seconds in profile["seconds"].items():
+            phases[candidate].setdefault(phase, []).append(seconds * 1e3)
+        times[candidate].append(timed_ms(net.forward))
     results = []
     for candidate in candidates:
         use(*candidate)
         net.forward()
-        diff = relative_difference(net.blobs["conv"].data, dense_out)
-        results.append(Measurement(candidate[0], candidate[1], times[candidate],
-                                   {k: statistics.median(v) for k, v in phases[candidate].items()},
-                                   diff))
+        forward_ms = times[candidate]
+        results.append({"path": candidate[0], "backend": candidate[1], "forward_ms": forward_ms,
+                        "phase_ms": {k: statistics.median(v)
+                                     for k, v in phases[candidate].items()},
+                        "max_rel_diff": relative_difference(net.blobs["conv"].data, dense_out),
+                        "median_ms": statistics.median(forward_ms)})
     return results, counters[candidates[0]]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="res5_branch2b")
-    parser.add_argument("--weight-zeros", type=float, default=0.98)
-    parser.add_argument("--input-zeros", type=float, default=0.5)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the measurements here")
-    args = parser.parse_args(argv)
-
-    import os
-    import tempfile
-
-    import caffe
-
-    from ..errors import UserError
-    from ..machine import machine_info
+def run(spec: protocol.RunSpec, folder: str, caffe) -> protocol.RawResult:
+    """What sparse_caffe.inside.child runs for a "layer" RunSpec: the layer bench's record."""
     load_before = os.getloadavg()
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-    caffe.set_mode_cpu()
-    shape = SHAPES[args.shape]
+    shape = SHAPES[spec.shape]
     with tempfile.TemporaryDirectory() as tmp:
-        net, w, x = synthetic_layer(caffe, shape, args.weight_zeros, args.input_zeros, args.seed, tmp)
+        net, w, x = synthetic_layer(caffe, shape, spec.weight_zeros, spec.input_zeros, spec.seed,
+                                    tmp)
         caffe.set_conv_forward_path("dense", "conv")
-        try:
-            blas = checked_blas_runtime(net, threads)  # one dense forward, then the BLAS check
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        blas = checked_blas_runtime(net, threads)  # one dense forward, then the BLAS check
         dense_out = net.blobs["conv"].data.copy()
         candidates = [("dense", "openmp")]
         for backend in caffe.conv_sparse_backends():
@@ -158,46 +117,22 @@ def main(argv=None) -> int:
                 if path in CONV_TEMPLATE_CONFIG.backend_independent and backend != "openmp":
                     continue  # these ignore the sparse back end: timed once
                 candidates.append((path, backend))
-        results, profile = measure_all(caffe, net, candidates, args.warmup, args.repeats,
+        results, profile = measure_all(caffe, net, candidates, spec.warmup, spec.repeats,
                                        dense_out)
         caffe.clear_conv_forward_paths()
         probe = probe_machine(caffe)
         limit = lower_bound(profile["useful_macs"], profile["weight_nonzeros"],
                             profile["input_elements"], int(dense_out.size), probe)
-    dense_ms = results[0].median_ms
-    print(f"layer {args.shape} (synthetic weights and input): {shape}; "
-          f"{np.mean(w == 0):.1%} zero weights, {np.mean(x == 0):.1%} zero inputs; "
-          f"{args.repeats} measured forwards after {args.warmup} warm-up; "
-          f"direct kernel: {caffe.conv_direct_isa()}")
-    print(f"limit t_min {limit['t_min_ms']:.4f} ms = max({limit['useful_macs'] / 1e6:.2f} M useful "
-          f"multiply-adds at {probe['macs_per_second'] / 1e9:.1f} G/s (measured GEMM rate), "
-          f"{limit['bytes'] / 1e6:.2f} MB at {probe['bytes_per_second'] / 1e9:.1f} GB/s "
-          "(measured copy bandwidth))")
-    width = max(len(r.path) for r in results) + 2
-    print(f"{'path':<{width}}{'backend':<9}{'median ms':>10}{'min ms':>9}{'vs dense':>10}"
-          f"{'input prep':>11}{'prep %':>8}{'multiply':>10}{'t_min/t':>9}{'max rel diff':>14}")
+    dense_ms = results[0]["median_ms"]
     for r in results:
-        flag = "  <-- DIFFERS FROM DENSE" if r.max_rel_diff > AGREEMENT_TOLERANCE else ""
-        prep = r.phase_ms.get("input2csr", 0) + r.phase_ms.get("im2col", 0)
-        print(f"{r.path:<{width}}{r.backend:<9}{r.median_ms:>10.3f}{min(r.forward_ms):>9.3f}"
-              f"{dense_ms / r.median_ms:>9.2f}x{prep:>11.3f}{prep / r.median_ms:>8.0%}"
-              f"{r.phase_ms.get('multiply', 0):>10.3f}{limit['t_min_ms'] / r.median_ms:>9.2f}"
-              f"{r.max_rel_diff:>14.1e}{flag}")
-    print("input prep: im2col + input2csr (direct: the padded copy); t_min/t: share of the limit "
-          "reached; paths timed in interleaved rounds")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"synthetic": True, "shape": args.shape, **shape, "args": vars(args),
-                       "direct_isa": caffe.conv_direct_isa(),
-                       "machine": machine_info(threads, load_before), "blas_runtime": blas,
-                       "probe": probe, "limit": limit,
-                       "results": [dict(asdict(r), median_ms=r.median_ms,
-                                        speedup_vs_dense=dense_ms / r.median_ms,
-                                        limit_fraction=limit["t_min_ms"] / r.median_ms)
-                                   for r in results]},
-                      f, indent=2)
-    return 1 if any(r.max_rel_diff > AGREEMENT_TOLERANCE for r in results) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        r.update(speedup_vs_dense=dense_ms / r["median_ms"],
+                 limit_fraction=limit["t_min_ms"] / r["median_ms"])
+    record = {"synthetic": True, "shape": spec.shape, **shape,
+              "args": {"shape": spec.shape, "weight_zeros": spec.weight_zeros,
+                       "input_zeros": spec.input_zeros, "warmup": spec.warmup,
+                       "repeats": spec.repeats, "seed": spec.seed},
+              "weight_zeros_measured": float(np.mean(w == 0)),
+              "input_zeros_measured": float(np.mean(x == 0)),
+              "direct_isa": caffe.conv_direct_isa(), "machine": machine_info(threads, load_before),
+              "blas_runtime": blas, "probe": probe, "limit": limit, "results": results}
+    return protocol.RawResult(kind="layer", blas_runtime=blas, machine_probe=probe, layer=record)

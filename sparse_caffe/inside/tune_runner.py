@@ -4,18 +4,18 @@ its weights), or only read the facts a plan's key needs from the net as built.
 Started by sparse_caffe.host.tune in a subprocess whose PYTHONPATH names the build and whose
 environment fixes the threads. The choices are the auto path's (its cost model and interleaved
 calibration, as in ./inv bench): a tuned prototxt runs what auto would pick. The plan is then
-timed whole against dense in alternating rounds. For a user mistake: exit 2, the message in
-<out>.error.
+timed whole against dense in alternating rounds. It ends as every child does
+(sparse_caffe.inside.protocol.end_child): its result in RUN_DIR/raw.json, or an error record in
+RUN_DIR/error.json and exit 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from . import measure, prepare
+from . import measure, prepare, protocol
 from ..models import nets
 from ..models.net_layers import layers_of
 from ..models import images as images_stage
@@ -32,13 +32,13 @@ def auto_plan(caffe, net, feeds, spec) -> dict:
     "replans"}}."""
     caffe.clear_conv_forward_paths()
     caffe.clear_fc_forward_paths()
-    caffe.set_conv_forward_path(spec["auto_path"])
-    caffe.set_fc_forward_path(spec["auto_path"])
+    caffe.set_conv_forward_path(spec.auto_path)
+    caffe.set_fc_forward_path(spec.auto_path)
 
     def forward(feed):
         net.blobs["data"].data[...] = feed
         net.forward()
-    calibrated = measure.calibrate_auto(caffe, net, forward, feeds, spec["warmup"])
+    calibrated = measure.calibrate_auto(caffe, net, forward, feeds, spec.warmup)
     caffe.clear_conv_forward_paths()
     caffe.clear_fc_forward_paths()
     tuned = set(tuned_layers(net))
@@ -127,15 +127,15 @@ def key_facts(caffe, net, net_text: str, weights: dict, blas: dict) -> dict:
             "layers": layer_key(net, net_text)}
 
 
-def run(spec: dict, key_only: bool) -> dict:
+def run(spec: protocol.RunSpec, key_only: bool) -> dict:
     import caffe
     caffe.set_mode_cpu()
     net, net_text, convolutions, weights, images = prepare.prepare(caffe, spec)
-    feeds = list(images_stage.batches(images, spec["batch"],
+    feeds = list(images_stage.batches(images, spec.batch,
                                       measure.feed_count(spec, images.count)))
     net.blobs["data"].data[...] = feeds[0]
     blas = measure.checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
-    facts = key_facts(caffe, net, net_text, weights, blas)
+    facts = key_facts(caffe, net, net_text, weights.to_json(), blas)
     if key_only:
         return facts
     choices = auto_plan(caffe, net, feeds, spec)
@@ -145,9 +145,9 @@ def run(spec: dict, key_only: bool) -> dict:
     net.blobs["data"].data[...] = feeds[0]  # dense reference output for the deploy check
     net.forward()
     reference = net.blobs[net.outputs[-1]].data.copy()
-    prototxt, caffemodel = Path(spec["prototxt_out"]), Path(spec["caffemodel_out"])
+    prototxt, caffemodel = Path(spec.prototxt_out), Path(spec.caffemodel_out)
     net.save(str(caffemodel))
-    prototxt.write_text(deploy_text(net_text, choices, spec["prototxt_header"]))
+    prototxt.write_text(deploy_text(net_text, choices, spec.prototxt_header))
     difference = check_deploy(caffe, prototxt, caffemodel, feeds[0], reference, choices)
     return {**facts, "choices": choices, "deploy_max_rel_diff": difference,
             "top1_agreement": whole["top1_agreement"], "whole_net": whole,
@@ -162,11 +162,11 @@ def whole_net(caffe, net, convolutions, feeds, image_count, spec, choices) -> di
              "fc_layers": {n: c["path"] for n, c in choices.items() if n not in convolutions},
              "rule": "tune's choices"}
     plan = measure.measure_plan(caffe, net, convolutions, feeds, spec, {}, given)
-    top1 = measure.top1_of(net, feeds, image_count, spec["batch"], net.outputs[-1])
+    top1 = measure.top1_of(net, feeds, image_count, spec.batch, net.outputs[-1])
     caffe.clear_conv_forward_paths()
     caffe.clear_fc_forward_paths()
     caffe.set_fc_forward_path("dense")
-    dense = measure.top1_of(net, feeds, image_count, spec["batch"], net.outputs[-1])
+    dense = measure.top1_of(net, feeds, image_count, spec.batch, net.outputs[-1])
     caffe.clear_fc_forward_paths()
     return {"plan_ms": plan["net_times_ms"], "dense_ms": plan["dense_net_times_ms"],
             "top1_agreement": sum(a == b for a, b in zip(top1, dense)) / len(dense)}
@@ -174,13 +174,12 @@ def whole_net(caffe, net, convolutions, feeds, image_count, spec, choices) -> di
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("spec", help="JSON file with the tune spec")
-    parser.add_argument("out", help="where to write the result (JSON)")
+    parser.add_argument("folder", help="a run folder holding spec.json (a RunSpec of kind tune)")
     parser.add_argument("--key-only", action="store_true",
                         help="only the facts of the plan's key (no measuring, nothing written)")
     args = parser.parse_args(argv)
-    return prepare.report_to_parent(
-        Path(args.out), lambda: run(json.loads(Path(args.spec).read_text()), args.key_only))
+    return protocol.end_child(args.folder, lambda: run(
+        protocol.RunSpec.read(f"{args.folder}/{protocol.SPEC_FILE}"), args.key_only))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""The one measurement child: `python -m sparse_caffe.inside.child RUN_DIR [--image-info FILE]`.
+
+Every measurement (./inv bench, ./inv bench-layer, ./inv bench --docker) runs this, started by an
+executor of sparse_caffe.host.measurement: a local pycaffe subprocess, or a container of the
+Docker image, where RUN_DIR is the mounted run folder. It reads RUN_DIR/spec.json (a RunSpec),
+does what its kind says, and ends the one way every child ends (protocol.end_child): the
+RawResult in RUN_DIR/raw.json and exit 0, or an error record in RUN_DIR/error.json and exit 2.
+
+The kinds and their runners (each `run(spec, folder, caffe)`, returning a RawResult or None):
+  net       sparse_caffe.inside.bench_runner: prepare the net natively, then measure it
+  prepare   sparse_caffe.inside.bench_runner: only prepare a folder for a "prepared" run
+  prepared  sparse_caffe.inside.measure: measure a prepared folder (what the container runs)
+  layer     sparse_caffe.inside.layer_bench: one synthetic layer on every path
+Runners are imported by name when their kind is asked for: the Docker image ships only this
+module, protocol and measure (Python 3.6); the others need the host's Python and packages.
+
+Python-3.6-clean: it runs in the image.
+"""
+import argparse
+import importlib
+import json
+import sys
+
+from ..errors import UserError
+from . import protocol
+
+RUNNERS = {"net": "sparse_caffe.inside.bench_runner", "prepare": "sparse_caffe.inside.bench_runner",
+           "prepared": "sparse_caffe.inside.measure", "layer": "sparse_caffe.inside.layer_bench"}
+
+
+def run(folder, image_info=None):
+    """Do what RUN_DIR/spec.json asks; returns the RawResult (None for "prepare")."""
+    spec = protocol.RunSpec.read("{}/{}".format(folder, protocol.SPEC_FILE))
+    try:
+        runner = importlib.import_module(RUNNERS[spec.kind])
+    except ImportError as exc:
+        raise UserError("a {!r} run needs {} ({}); here only prepared runs can be measured".format(
+            spec.kind, RUNNERS[spec.kind], exc))
+    import caffe
+    caffe.set_mode_cpu()
+    result = runner.run(spec, folder, caffe)
+    if result is not None and image_info:
+        with open(image_info) as f:
+            environment = dict(result.environment or {}, image=json.load(f))
+        result = result.replace(environment=environment)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a run folder holding spec.json (a RunSpec)")
+    parser.add_argument("--image-info", help="the Docker image's own record (JSON), added to the "
+                                             "raw result's environment")
+    args = parser.parse_args(argv)
+    return protocol.end_child(args.folder, lambda: run(args.folder, args.image_info))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
