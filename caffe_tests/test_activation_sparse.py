@@ -6,21 +6,17 @@ so each float32 output may differ from dense by about K * 2**-24 of the sum of |
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from .test_conv_memory import run_pycaffe
 from .test_conv_reference import conv_spec, random_input, reference_conv
-from .test_forward_paths import assert_close_to, forward_on, paths  # noqa: F401 - paths is a fixture
+from .test_forward_paths import assert_close_to, forward_on, paths, run_on_isa  # noqa: F401 - paths is a fixture
 
 PATH = "activation_sparse"
-ROOT = Path(__file__).resolve().parent.parent
 # (id, input shape, outputs, convolution): output channel counts below, at and across the
 # microkernels' register block (64 floats), in channels from 1 to past a cache line of positions.
 SHAPES = [
@@ -187,38 +183,49 @@ REFUSED = [
      "spatial axes; using dense"),
 ]
 
+# A layer that `path` refuses, in a fresh process: it must run dense and say why in one line,
+# however often the path is asked for again (bench asks every round).
 REFUSED_SCRIPT = """
+import json
 import sys
 from pathlib import Path
 import numpy as np
 import caffe
 from caffe_tests.conftest import write_net
-from caffe_tests.test_activation_sparse import REFUSED
 from caffe_tests.test_conv_reference import conv_spec
 caffe.set_mode_cpu()
-_, shape, conv, _ = [r for r in REFUSED if r[0] == sys.argv[2]][0]
+path, shape, conv = sys.argv[2], tuple(json.loads(sys.argv[3])), json.loads(sys.argv[4])
 net = write_net(caffe, conv_spec(caffe, "conv", shape, 4, conv), Path(sys.argv[1]) / "net.prototxt")
 net.blobs["data"].data[...] = np.random.default_rng(1).standard_normal(shape)
 caffe.set_conv_profiling(True)
 caffe.set_conv_forward_path("dense", "conv")
 dense = net.forward()["conv"].copy()
-caffe.set_conv_forward_path("activation_sparse", "conv")
 for _ in range(3):
+    caffe.set_conv_forward_path(path, "conv")
     got = net.forward()["conv"].copy()
-assert np.array_equal(got, dense), "the refused layer did not run dense"
+    assert np.array_equal(got, dense), "the refused layer did not run dense"
+    caffe.set_conv_forward_path("dense", "conv")
+    net.forward()
+caffe.set_conv_forward_path(path, "conv")
+net.forward()
 print("ran", caffe.conv_profile()["conv"]["path"])
 """
 
 
+def assert_refused_with_one_line(caffe_python_path, tmp_path, path, shape, conv, line):
+    result = run_pycaffe(caffe_python_path, REFUSED_SCRIPT, tmp_path, path, json.dumps(shape),
+                         json.dumps(conv), env={"GLOG_minloglevel": "2"})
+    assert "ran dense" in result.stdout
+    assert result.stderr.count(f"layer conv: {line}") == 1, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("case", REFUSED, ids=lambda case: case[0])
 def test_what_it_refuses_runs_dense_with_one_log_line(caffe_python_path, tmp_path, case):
-    result = run_pycaffe(caffe_python_path, REFUSED_SCRIPT, tmp_path, case[0],
-                         env={"GLOG_minloglevel": "2"})
-    assert "ran dense" in result.stdout
-    assert result.stderr.count(f"layer conv: {case[3]}") == 1, result.stderr[-2000:]
+    _, shape, conv, line = case
+    assert_refused_with_one_line(caffe_python_path, tmp_path, PATH, shape, conv, line)
 
 
-def test_deconvolution_runs_dense(caffe, make_net, paths):
+def assert_deconvolution_runs_dense(caffe, make_net, path):
     L = caffe.layers
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[1, 3, 5, 5]))
@@ -228,7 +235,11 @@ def test_deconvolution_runs_dense(caffe, make_net, paths):
     net.params["deconv"][0].data[...] = rng.standard_normal(net.params["deconv"][0].data.shape)
     net.blobs["data"].data[...] = random_input(rng, (1, 3, 5, 5), 0.5)
     dense = forward_on(caffe, net, "dense", "deconv")
-    np.testing.assert_array_equal(forward_on(caffe, net, PATH, "deconv"), dense)
+    np.testing.assert_array_equal(forward_on(caffe, net, path, "deconv"), dense)
+
+
+def test_deconvolution_runs_dense(caffe, make_net, paths):
+    assert_deconvolution_runs_dense(caffe, make_net, PATH)
 
 
 def test_auto_cost_model_keeps_it_for_sparse_1x1_inputs_and_prunes_it_elsewhere(caffe):
@@ -297,16 +308,10 @@ print("ok")
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
-def test_on_each_vector_isa_and_thread_count(caffe_python_path, isa, threads, tmp_path):
+def test_on_each_vector_isa_and_thread_count(caffe_python_path, isa, threads, tmp_path,
+                                             monkeypatch):
     """Every kernel set this CPU runs (SPARSE_CAFFE_DIRECT_ISA picks it for direct and
     activation_sparse alike, in a fresh process), on one thread and on two."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    needs = {"avx2": ("avx2", "fma"), "avx512": ("avx512f",)}.get(isa, ())
-    if any(f" {flag}" not in flags for flag in needs):
-        pytest.skip(f"this CPU has no {isa}")
-    env = dict(os.environ, SPARSE_CAFFE_DIRECT_ISA=isa, GLOG_minloglevel="2",
-               OMP_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join([str(caffe_python_path), str(ROOT)]))
-    result = subprocess.run([sys.executable, "-c", ISA_SCRIPT, isa, str(tmp_path)], env=env,
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    result = run_on_isa(ISA_SCRIPT, isa, caffe_python_path, tmp_path, timeout=300)
+    assert result.stdout.strip().endswith("ok")

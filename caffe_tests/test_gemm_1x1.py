@@ -11,8 +11,7 @@ import zlib
 import numpy as np
 import pytest
 
-from .test_activation_sparse import load
-from .test_conv_memory import run_pycaffe
+from .test_activation_sparse import assert_deconvolution_runs_dense, assert_refused_with_one_line, load
 from .test_conv_reference import CASES, conv_spec, random_input, reference_conv
 from .test_forward_paths import assert_close_to, forward_on, paths, run_on_isa  # noqa: F401 - paths is a fixture
 
@@ -180,53 +179,15 @@ REFUSED = [
      "using dense"),
 ]
 
-REFUSED_SCRIPT = """
-import sys
-from pathlib import Path
-import numpy as np
-import caffe
-from caffe_tests.conftest import write_net
-from caffe_tests.test_gemm_1x1 import REFUSED
-from caffe_tests.test_conv_reference import conv_spec
-caffe.set_mode_cpu()
-_, shape, conv, _ = [r for r in REFUSED if r[0] == sys.argv[2]][0]
-net = write_net(caffe, conv_spec(caffe, "conv", shape, 4, conv), Path(sys.argv[1]) / "net.prototxt")
-net.blobs["data"].data[...] = np.random.default_rng(1).standard_normal(shape)
-caffe.set_conv_profiling(True)
-caffe.set_conv_forward_path("dense", "conv")
-dense = net.forward()["conv"].copy()
-for _ in range(3):  # asked for again and again (as bench does every round): said once
-    caffe.set_conv_forward_path("gemm_1x1", "conv")
-    got = net.forward()["conv"].copy()
-    caffe.set_conv_forward_path("dense", "conv")
-    net.forward()
-caffe.set_conv_forward_path("gemm_1x1", "conv")
-got = net.forward()["conv"].copy()
-assert np.array_equal(got, dense), "the refused layer did not run dense"
-print("ran", caffe.conv_profile()["conv"]["path"])
-"""
-
-
 @pytest.mark.parametrize("case", REFUSED, ids=lambda case: case[0])
 def test_what_it_refuses_runs_dense_with_one_log_line(caffe_python_path, tmp_path, case):
     """One line per layer and reason, however often the path is asked for again."""
-    result = run_pycaffe(caffe_python_path, REFUSED_SCRIPT, tmp_path, case[0],
-                         env={"GLOG_minloglevel": "2"})
-    assert "ran dense" in result.stdout
-    assert result.stderr.count(f"layer conv: {case[3]}") == 1, result.stderr[-2000:]
+    _, shape, conv, line = case
+    assert_refused_with_one_line(caffe_python_path, tmp_path, PATH, shape, conv, line)
 
 
 def test_deconvolution_runs_dense(caffe, make_net, paths):
-    L = caffe.layers
-    n = caffe.NetSpec()
-    n.data = L.Input(shape=dict(dim=[1, 3, 5, 5]))
-    n.deconv = L.Deconvolution(n.data, convolution_param=dict(num_output=2, kernel_size=1))
-    net = make_net(n)
-    rng = np.random.default_rng(5)
-    net.params["deconv"][0].data[...] = rng.standard_normal(net.params["deconv"][0].data.shape)
-    net.blobs["data"].data[...] = random_input(rng, (1, 3, 5, 5), 0.5)
-    dense = forward_on(caffe, net, "dense", "deconv")
-    np.testing.assert_array_equal(forward_on(caffe, net, PATH, "deconv"), dense)
+    assert_deconvolution_runs_dense(caffe, make_net, PATH)
 
 
 def test_auto_cost_model_keeps_it_on_dense_1x1_layers_and_prunes_it_elsewhere(caffe):
