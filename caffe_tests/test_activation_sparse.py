@@ -270,21 +270,20 @@ def test_auto_times_it_on_a_sparse_input_1x1_layer_and_stays_right(caffe, make_n
         caffe.reset_auto()
 
 
+# Every shape of a 1x1 path's test module (its ISA_SHAPES, ISA_INPUT_ZEROS, geometry() and PATH),
+# fused ReLU off and on, on one kernel set in a fresh process (MODULE is prepended to the script).
 ISA_SCRIPT = """
+import importlib
 import sys
 from pathlib import Path
 import numpy as np
 import caffe
 from caffe_tests.conftest import write_net
-from caffe_tests.test_activation_sparse import SHAPES, geometry
 from caffe_tests.test_conv_reference import conv_spec, random_input, reference_conv
+module = importlib.import_module("caffe_tests." + MODULE)
 caffe.set_mode_cpu()
 rng = np.random.default_rng(2)
-# Few positions and many output channels: two threads split the panels, not the positions.
-# Many positions and channels: two threads gather and multiply.
-shapes = SHAPES + [("few-positions", (1, 40, 3, 3), 300, dict()),
-                   ("many-positions", (2, 256, 20, 20), 96, dict(stride=1))]
-for name, shape, outputs, conv in shapes:
+for name, shape, outputs, conv in module.ISA_SHAPES:
     for fused in (False, True):
         conv = dict(conv, kernel_size=1, fused_relu=fused)
         net = write_net(caffe, conv_spec(caffe, "conv", shape, outputs, conv),
@@ -293,11 +292,11 @@ for name, shape, outputs, conv in shapes:
         b = rng.standard_normal(outputs).astype(np.float32)
         net.params["conv"][0].data[...] = w
         net.params["conv"][1].data[...] = b
-        x = random_input(rng, shape, 0.6)
+        x = random_input(rng, shape, module.ISA_INPUT_ZEROS)
         net.blobs["data"].data[...] = x
-        caffe.set_conv_forward_path("activation_sparse")
+        caffe.set_conv_forward_path(module.PATH)
         got = net.forward()["conv"]
-        expected = reference_conv(x, w, b, **geometry(conv))
+        expected = reference_conv(x, w, b, **module.geometry(conv))
         if fused:
             expected = np.maximum(expected, 0)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=name)
@@ -306,12 +305,26 @@ print("ok")
 """
 
 
+def assert_right_on_isa(module, isa, threads, caffe_python_path, tmp_path, monkeypatch):
+    """ISA_SCRIPT for the path of caffe_tests.<module>, with SPARSE_CAFFE_DIRECT_ISA=isa."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    result = run_on_isa(f"MODULE = {module!r}\n" + ISA_SCRIPT, isa, caffe_python_path, tmp_path,
+                        timeout=300)
+    assert result.stdout.strip().endswith("ok")
+
+
+# Few positions and many output channels: two threads split the panels, not the positions.
+# Many positions and channels: two threads gather and multiply.
+ISA_SHAPES = SHAPES + [("few-positions", (1, 40, 3, 3), 300, dict()),
+                       ("many-positions", (2, 256, 20, 20), 96, dict(stride=1))]
+ISA_INPUT_ZEROS = 0.6
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_on_each_vector_isa_and_thread_count(caffe_python_path, isa, threads, tmp_path,
                                              monkeypatch):
     """Every kernel set this CPU runs (SPARSE_CAFFE_DIRECT_ISA picks it for direct and
     activation_sparse alike, in a fresh process), on one thread and on two."""
-    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
-    result = run_on_isa(ISA_SCRIPT, isa, caffe_python_path, tmp_path, timeout=300)
-    assert result.stdout.strip().endswith("ok")
+    assert_right_on_isa("test_activation_sparse", isa, threads, caffe_python_path, tmp_path,
+                        monkeypatch)

@@ -11,9 +11,10 @@ import zlib
 import numpy as np
 import pytest
 
-from .test_activation_sparse import assert_deconvolution_runs_dense, assert_refused_with_one_line, load
+from .test_activation_sparse import (assert_deconvolution_runs_dense, assert_refused_with_one_line,
+                                     assert_right_on_isa, load)
 from .test_conv_reference import CASES, conv_spec, random_input, reference_conv
-from .test_forward_paths import assert_close_to, forward_on, paths, run_on_isa  # noqa: F401 - paths is a fixture
+from .test_forward_paths import assert_close_to, forward_on, paths  # noqa: F401 - paths is a fixture
 
 PATH = "gemm_1x1"
 # (id, input shape, outputs, convolution): output channels below, at and past the 6 of a register
@@ -34,7 +35,7 @@ SHAPES = [
 ]
 
 
-def group_of(conv):
+def geometry(conv):
     return dict(group=conv.get("group", 1))
 
 
@@ -53,8 +54,8 @@ def test_equals_dense_on_every_1x1_configuration(caffe, make_net, paths, profili
     caffe.reset_conv_profile()
     got = forward_on(caffe, net, PATH)
     assert caffe.conv_profile()["conv"]["path"] == PATH  # it ran, not a dense fallback
-    assert_close_to(got, x, w, b, group_of(conv), dense)
-    expected = reference_conv(x, w, b, **group_of(conv))
+    assert_close_to(got, x, w, b, geometry(conv), dense)
+    expected = reference_conv(x, w, b, **geometry(conv))
     if fused:
         expected = np.maximum(expected, 0)
         assert (got >= 0).all()
@@ -213,39 +214,10 @@ def test_auto_times_it_on_a_1x1_layer_and_stays_right(caffe, make_net, paths):
         caffe.reset_auto()
 
 
-ISA_SCRIPT = """
-import sys
-from pathlib import Path
-import numpy as np
-import caffe
-from caffe_tests.conftest import write_net
-from caffe_tests.test_gemm_1x1 import SHAPES, group_of
-from caffe_tests.test_conv_reference import conv_spec, random_input, reference_conv
-caffe.set_mode_cpu()
-rng = np.random.default_rng(2)
 # Few output channels and many positions: two threads split the columns, not the channels.
-shapes = SHAPES + [("few-outputs", (1, 40, 30, 30), 10, dict()),
-                   ("many-outputs-7x7", (2, 96, 7, 7), 300, dict())]
-for name, shape, outputs, conv in shapes:
-    for fused in (False, True):
-        conv = dict(conv, kernel_size=1, fused_relu=fused)
-        net = write_net(caffe, conv_spec(caffe, "conv", shape, outputs, conv),
-                        Path(sys.argv[2]) / (name + ".prototxt"))
-        w = rng.standard_normal(net.params["conv"][0].data.shape).astype(np.float32)
-        b = rng.standard_normal(outputs).astype(np.float32)
-        net.params["conv"][0].data[...] = w
-        net.params["conv"][1].data[...] = b
-        x = random_input(rng, shape, 0.3)
-        net.blobs["data"].data[...] = x
-        caffe.set_conv_forward_path("gemm_1x1")
-        got = net.forward()["conv"]
-        expected = reference_conv(x, w, b, **group_of(conv))
-        if fused:
-            expected = np.maximum(expected, 0)
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=name)
-assert caffe.conv_direct_isa() == sys.argv[1], caffe.conv_direct_isa()
-print("ok")
-"""
+ISA_SHAPES = SHAPES + [("few-outputs", (1, 40, 30, 30), 10, dict()),
+                       ("many-outputs-7x7", (2, 96, 7, 7), 300, dict())]
+ISA_INPUT_ZEROS = 0.3
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -254,9 +226,7 @@ def test_on_each_vector_isa_and_thread_count(caffe_python_path, isa, threads, tm
                                              monkeypatch):
     """Every kernel set this CPU runs (SPARSE_CAFFE_DIRECT_ISA picks it for every path), in a
     fresh process, on one thread and on two."""
-    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
-    result = run_on_isa(ISA_SCRIPT, isa, caffe_python_path, tmp_path, timeout=300)
-    assert result.stdout.strip().endswith("ok")
+    assert_right_on_isa("test_gemm_1x1", isa, threads, caffe_python_path, tmp_path, monkeypatch)
 
 
 def test_host_blobs_are_64_byte_aligned(caffe, make_net):
