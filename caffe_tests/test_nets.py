@@ -179,13 +179,18 @@ def test_fold_resnet50_keeps_its_output(resnet, fuse_relu):
     assert types["ReLU"] == (0 if fuse_relu else 49)
     layers = layers_by_name(folded_text)
     fused = {name for name, layer in layers.items() if layer.convolution_param.fused_relu}
-    assert len(fused) == (RESNET_FUSED if fuse_relu else 0)
-    fused_sums = {name for name, layer in layers.items() if layer.eltwise_param.fused_relu}
-    assert types["Eltwise"] == 16
-    assert len(fused_sums) == (16 if fuse_relu else 0)
+    residual = {name for name, layer in layers.items() if layer.convolution_param.fused_residual}
+    # Fused, every residual sum (with its ReLU) goes into the branch2c convolution feeding it:
+    # the later of res2a's two (branch1 runs first, so its output is the residual).
+    assert types["Eltwise"] == (0 if fuse_relu else 16)
+    assert residual == ({f"res{block}_branch2c" for block in RESNET_BLOCKS} if fuse_relu else set())
+    assert len(fused) == (RESNET_FUSED + 16 if fuse_relu else 0)
     if fuse_relu:
-        assert "conv1" in fused and "res4c_branch2b" in fused
-        assert not fused & {"res2a_branch1", "res4c_branch2c"}  # they feed an Eltwise
+        assert "conv1" in fused and "res4c_branch2b" in fused and residual <= fused
+        assert "res2a_branch1" not in fused  # it feeds the sum as the residual
+        assert list(layers["res2a_branch2c"].bottom) == ["res2a_branch2b", "res2a_branch1"]
+        assert list(layers["res2b_branch2c"].bottom) == ["res2b_branch2b", "res2a"]
+        assert list(layers["res2b_branch2c"].top) == ["res2b"]
     assert all(layer.convolution_param.bias_term for layer in layers.values()
                if layer.type == "Convolution")
     assert not any(name.startswith(("bn", "scale")) for name in folded_weights)
@@ -261,6 +266,57 @@ def test_fold_rewires_and_leaves_what_it_cannot_fold(caffe, fuse_relu):
     assert [len(folded_weights[name]) for name in ["c1", "c2", "c3"]] == [2, 2, 1]
     got = forward(nets.load_net(folded_text, folded_weights), x)
     for blob in ["sc1", "c2", "sum", "c4"]:
+        scale = np.abs(reference[blob]).max()
+        np.testing.assert_allclose(got[blob], reference[blob], rtol=0, atol=1e-5 * scale)
+
+
+def residual_net(caffe):
+    """ResNet's two residual sums (a projection shortcut, then an identity one), and three the
+    transform must leave: coefficients other than 1, a sum in place on the convolution's output,
+    and a convolution whose output something else also reads."""
+    L, P = caffe.layers, caffe.params
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 4, 6, 6]))
+    n.short = L.Convolution(n.data, num_output=6, kernel_size=1)
+    n.a = L.Convolution(n.data, num_output=4, kernel_size=3, pad=1)
+    n.relu_a = L.ReLU(n.a, in_place=True)
+    n.b = L.Convolution(n.a, num_output=6, kernel_size=1)
+    n.sum1 = L.Eltwise(n.short, n.b, operation=P.Eltwise.SUM)
+    n.relu1 = L.ReLU(n.sum1, in_place=True)
+    n.c = L.Convolution(n.sum1, num_output=6, kernel_size=3, pad=1)
+    n.sum2 = L.Eltwise(n.c, n.sum1)
+    n.d = L.Convolution(n.sum2, num_output=6, kernel_size=1)
+    n.scaled = L.Eltwise(n.d, n.sum2, coeff=[1, 2])
+    n.e = L.Convolution(n.scaled, num_output=6, kernel_size=1)
+    n.inplace = L.Eltwise(n.e, n.scaled)
+    n.f = L.Convolution(n.inplace, num_output=6, kernel_size=1)
+    n.shared = L.Eltwise(n.f, n.inplace)
+    n.g = L.Convolution(n.f, num_output=6, kernel_size=1)
+    proto = n.to_proto()
+    for layer in proto.layer:  # the sum `inplace` writes its first bottom, e, in place
+        layer.top[:] = ["e" if top == "inplace" else top for top in layer.top]
+        layer.bottom[:] = ["e" if bottom == "inplace" else bottom for bottom in layer.bottom]
+    return str(proto)
+
+
+def test_fold_moves_residual_sums_into_their_convolutions(caffe):
+    text = residual_net(caffe)
+    rng = np.random.default_rng(5)
+    weights = small_weights(nets.load_net(text), rng)
+    x = rng.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    reference = forward(nets.load_net(text, weights), x)
+    folded_text, folded_weights = nets.fold_batchnorm(text, weights, fuse_relu=True)
+    layers = layers_by_name(folded_text)
+    assert list(layers) == ["data", "short", "a", "b", "c", "d", "scaled", "e", "inplace", "f",
+                            "shared", "g"]
+    b, c = layers["b"].convolution_param, layers["c"].convolution_param
+    assert list(layers["b"].bottom) == ["a", "short"] and list(layers["b"].top) == ["sum1"]
+    assert b.fused_residual and b.fused_relu  # the sum's ReLU follows it into the convolution
+    assert list(layers["c"].bottom) == ["sum1", "sum1"] and list(layers["c"].top) == ["sum2"]
+    assert c.fused_residual and not c.fused_relu
+    assert not any(layers[name].convolution_param.fused_residual for name in "defg")
+    got = forward(nets.load_net(folded_text, folded_weights), x)
+    for blob in ["sum1", "sum2", "scaled", "e", "g"]:
         scale = np.abs(reference[blob]).max()
         np.testing.assert_allclose(got[blob], reference[blob], rtol=0, atol=1e-5 * scale)
 

@@ -219,8 +219,9 @@ def fold_batchnorm(net_param_text: str, weights: dict[str, list[np.ndarray]],
 
     With fuse_relu, a ReLU (negative_slope 0) that is then the only reader of a convolution's
     output goes too, and the convolution gets `convolution_param { fused_relu: true }` (our
-    patched Caffe); likewise an Eltwise SUM's ReLU becomes `eltwise_param { fused_relu: true }`.
-    An output that anything else also reads (an Eltwise, say) is never changed.
+    patched Caffe); likewise an Eltwise SUM's ReLU becomes `eltwise_param { fused_relu: true }`,
+    and then the sum itself goes into the convolution that feeds it (`fused_residual`, see
+    _fuse_residual_sums). An output that anything else also reads is never changed.
 
     Returns new prototxt text and a new weights dict (copies; the inputs are not modified).
     """
@@ -252,7 +253,7 @@ def fold_batchnorm(net_param_text: str, weights: dict[str, list[np.ndarray]],
             conv.convolution_param.fused_relu = True
         i += 1
     if fuse_relu:
-        layers = _fuse_sum_relus(layers)
+        layers = _fuse_residual_sums(_fuse_sum_relus(layers))
     del net.layer[:]
     net.layer.extend(layers)
     return net_text(net), new_weights
@@ -267,6 +268,61 @@ def _fuse_sum_relus(layers: list) -> list:
             layers[i].eltwise_param.fused_relu = True
         i += 1
     return layers
+
+
+def _fuse_residual_sums(layers: list) -> list:
+    """Each two-input Eltwise SUM (coefficients 1) of a convolution's output and another blob
+    (ResNet's resNx: branch2c + shortcut) goes into that convolution: it gets the other blob as a
+    last bottom, `convolution_param { fused_residual: true }`, the sum's fused_relu, and writes
+    the sum's top (our patched Caffe adds the residual while the outputs are hot). Only when the
+    sum is the convolution's sole reader, the other blob is final before the convolution runs,
+    and the sum is not in place; of two convolutions (res2a: branch1 and branch2c) the later."""
+    i = 0
+    while i < len(layers):
+        conv = _residual_conv(layers, i)
+        if conv is None:
+            i += 1
+            continue
+        total = layers[i]
+        other = total.bottom[1] if total.bottom[0] == layers[conv].top[0] else total.bottom[0]
+        param = layers[conv].convolution_param
+        param.fused_residual = True
+        param.fused_relu = total.eltwise_param.fused_relu
+        layers[conv].bottom.append(other)
+        layers[conv].top[0] = total.top[0]
+        del layers[i]
+    return layers
+
+
+def _residual_conv(layers: list, i: int) -> int | None:
+    """The index of the convolution that layer i (an Eltwise SUM) can go into, or None."""
+    total = layers[i]
+    if not (total.type == "Eltwise" and len(total.bottom) == 2 and len(total.top) == 1
+            and not len(total.include) and not len(total.exclude)
+            and total.eltwise_param.operation == total.eltwise_param.SUM
+            and all(c == 1 for c in total.eltwise_param.coeff)
+            and total.top[0] not in total.bottom and total.bottom[0] != total.bottom[1]):
+        return None
+    writers = {}  # blob -> index of its latest writer before i
+    for j in range(i):
+        for top in layers[j].top:
+            writers[top] = j
+    readers = _readers(layers)
+    candidates = []
+    for mine, other in ((0, 1), (1, 0)):
+        conv = writers.get(total.bottom[mine])
+        if conv is None or not _foldable_conv(layers[conv]) or readers[conv] != [i]:
+            continue
+        if layers[conv].convolution_param.fused_residual:
+            continue
+        # The residual must be final when the convolution runs: written before it (or a net
+        # input), and by nothing between it and the sum.
+        if writers.get(total.bottom[other], -1) >= conv:
+            continue
+        if not _rewirable(layers, conv, i):
+            continue
+        candidates.append(conv)
+    return max(candidates) if candidates else None
 
 
 def _absorb_relu(layers: list, i: int) -> bool:

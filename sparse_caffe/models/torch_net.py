@@ -93,9 +93,11 @@ def _classes() -> dict:
             self.stride, self.pad, self.dilation = stride, pad, dilation
             self.groups, self.relu = groups, relu
 
-        def forward(self, x):
+        def forward(self, x, residual=None):
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.dilation,
                          self.groups)
+            if residual is not None:  # our Caffe's fused_residual: the sum, then the ReLU
+                y = y + residual
             return F.relu(y) if self.relu else y
 
     class ReLU(nn.Module):
@@ -324,6 +326,9 @@ def _layer_module(layer, blobs, shapes):
         _blob_count(layer, blobs, (1, 2))
         if blobs[0].dim() != 4 or p.axis != 1:
             raise _unsupported(layer, "only 2-D convolutions over axis 1")
+        if len(layer.bottom) != 1 + bool(getattr(p, "fused_residual", False)):
+            raise _unsupported(layer, f"{len(layer.bottom)} inputs; the baseline handles one (and "
+                                      f"the residual with fused_residual)")
         module = c["Conv"](blobs[0], blobs[1].reshape(-1) if len(blobs) == 2 else None,
                            hw_pair(p.stride, p.stride_h, p.stride_w, 1),
                            hw_pair(p.pad, p.pad_h, p.pad_w, 0), hw_pair(p.dilation, 0, 0, 1),

@@ -373,6 +373,25 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "python/caffe/_caffe.cpp",
         ),
     ),
+    PatchSpec(
+        11, "fused-residual",
+        "convolution_param.fused_residual: ResNet's residual Eltwise SUM folded into the\n"
+        "convolution that feeds it. The layer takes the residual as its last bottom (shaped as\n"
+        "the top, never the top itself) and writes relu?(conv(x) + bias + residual), fused_relu\n"
+        "then meaning the ReLU after the sum. gemm_1x1 adds the residual while its outputs are in\n"
+        "registers, so the sum's separate pass over memory goes; the other paths add it in one\n"
+        "parallel pass after their own. Backward: the residual's gradient is the top gradient,\n"
+        "masked by the ReLU. The deploy transform sets it (sparse_caffe); Caffe's convolution\n"
+        "gtest checks it against convolution + Eltwise + ReLU and its gradient, in float and\n"
+        "double, on whichever path is forced.",
+        (
+            "src/caffe/proto/caffe.proto",
+            "include/caffe/layers/base_conv_layer.hpp",
+            "src/caffe/layers/base_conv_layer.cpp",
+            "src/caffe/layers/conv_layer.cpp",
+            "src/caffe/test/test_convolution_layer.cpp",
+        ),
+    ),
 )
 
 CONV_TEMPLATE_CONFIG = ConvTemplateConfig()
