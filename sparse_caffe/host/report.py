@@ -41,9 +41,11 @@ def stats(values: list[float]) -> dict:
 def layer_limit(entry: dict, counters: dict, batch: int, probe: dict) -> dict:
     """lower_bound of one forward of `batch` images, from a run's per-image counters."""
     images = counters["calls"] or 1
+    outputs = entry["num_output"] * _product(entry["output"][1:]) * batch
+    # A fused residual (shaped as the output) is read once more.
     return lower_bound(counters["useful_macs"] / images * batch, counters["weight_nonzeros"],
                        counters["input_elements"] / images * batch,
-                       entry["num_output"] * _product(entry["output"][1:]) * batch, probe)
+                       outputs * (2 if entry.get("residual") else 1), probe)
 
 
 def _product(values) -> int:

@@ -85,8 +85,9 @@ def export(caffe, spec: protocol.RunSpec, folder: Path) -> None:
 
 def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, outputs: dict,
                    spec: dict) -> dict:
-    """The same layers, weights and inputs through PyTorch's CPU convolution (dense), same
-    threads and batch: where the sparse paths stand against what users would otherwise run.
+    """The same layers, weights and inputs (per layer one array per bottom: the input, and with
+    fused_residual the residual) through PyTorch's CPU convolution (dense), same threads and
+    batch: where the sparse paths stand against what users would otherwise run.
     Each layer in both memory formats (contiguous and channels_last, the input converted before
     the timer, as a channels_last net would hand it over), interleaved forward by forward, under
     torch.inference_mode(); the format with the lower median is the layer's PyTorch time. F.conv2d
@@ -110,12 +111,18 @@ def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, o
         b = torch.from_numpy(blobs[1].data.copy()) if len(blobs) > 1 else None
         weights = {f: torch.from_numpy(blobs[0].data.copy()).contiguous(memory_format=m)
                    for f, m in formats.items()}
-        xs = {f: torch.from_numpy(inputs[name]).contiguous(memory_format=m)
+        xs = {f: torch.from_numpy(inputs[name][0]).contiguous(memory_format=m)
               for f, m in formats.items()}
+        # fused_residual: the layer adds its last bottom before the ReLU (ResNet's sum), and so
+        # does PyTorch's (a separate add, as a PyTorch user writes it).
+        residuals = ({f: torch.from_numpy(inputs[name][-1]).contiguous(memory_format=m)
+                      for f, m in formats.items()} if c.fused_residual else None)
 
         def forward(f):
             y = F.conv2d(xs[f], weights[f], b, stride=stride, padding=pad, dilation=dilation,
                          groups=c.group)
+            if residuals is not None:
+                y = y + residuals[f]
             return torch.relu(y) if c.fused_relu else y
         times = {f: [] for f in formats}
         with torch.inference_mode():

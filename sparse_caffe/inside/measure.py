@@ -132,7 +132,8 @@ def lower_bound(useful_macs: float, weight_nonzeros: int, input_elements: float,
                 output_elements: float, probe: dict) -> dict:
     """A layer's physical lower bound per forward: t_min = max(useful multiply-adds at the
     measured multiply-add rate, bytes moved at the measured bandwidth). Bytes: the nonzero weights
-    (value and index, 4 bytes each), the input and the output (float32), read or written once."""
+    (value and index, 4 bytes each), the input and the output (float32, a fused residual counted
+    in the output's elements), read or written once."""
     moved = 8 * weight_nonzeros + 4 * input_elements + 4 * output_elements
     compute_ms = useful_macs / probe["macs_per_second"] * 1e3
     memory_ms = moved / probe["bytes_per_second"] * 1e3
@@ -184,7 +185,9 @@ def layer_shapes(net, names):
         shapes[name] = {"num_output": int(w[0]), "channels_per_group": int(w[1]),
                         "kernel": [int(w[2]), int(w[3])],
                         "input": list(net.blobs[bottoms[name]].data.shape[1:]),
-                        "output": list(net.blobs[net.top_names[name][0]].data.shape[1:])}
+                        "output": list(net.blobs[net.top_names[name][0]].data.shape[1:]),
+                        # fused_residual: a last bottom, shaped as the output, read and added
+                        "residual": len(net.bottom_names[name]) > 1}
     return shapes
 
 
@@ -308,7 +311,8 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
         last = net.blobs[output_blob].data.copy()
         if path == paths[0]:
             reference = outputs
-            dense_inputs = {name: net.blobs[net.bottom_names[name][0]].data.copy()
+            # Every bottom: the input, and with fused_residual the residual added to the output.
+            dense_inputs = {name: [net.blobs[b].data.copy() for b in net.bottom_names[name]]
                             for name in layers}
             dense_last = last
         # Each layer alone on dense's input: its own difference from dense. Through the whole
@@ -342,12 +346,13 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
 
 
 def layers_alone(net, layers, inputs):
-    """Each of `layers` run alone (net._forward of that layer only) on inputs[layer] copied into
-    its bottom: {layer: its top, copied}."""
+    """Each of `layers` run alone (net._forward of that layer only) on inputs[layer] (one array
+    per bottom) copied into its bottoms: {layer: its top, copied}."""
     index = {name: i for i, name in enumerate(net._layer_names)}
     outputs = {}
     for name in layers:
-        net.blobs[net.bottom_names[name][0]].data[...] = inputs[name]
+        for blob, array in zip(net.bottom_names[name], inputs[name]):
+            net.blobs[blob].data[...] = array
         net._forward(index[name], index[name])
         outputs[name] = net.blobs[net.top_names[name][0]].data.copy()
     return outputs
