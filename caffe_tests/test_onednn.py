@@ -132,3 +132,29 @@ def test_three_dimensional_convolution_runs_dense(caffe, make_net, paths):
     dense = forward_on(caffe, net, "dense")
     np.testing.assert_allclose(forward_on(caffe, net, "onednn"), dense, rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("channels", [24, 20, 16], ids=["three-blocks", "partial-block", "two-blocks"])
+@pytest.mark.parametrize("at", [(0, 0, 0, 0), (1, -1, -1, -1), (0, 9, 4, 2), (1, 17, 2, 3)],
+                         ids=["first", "last", "in-a-vector", "in-the-tail"])
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_the_input_reorder_finds_every_non_finite_value(caffe, make_net, paths, channels, at, value):
+    """onednn reorders the input into oneDNN's channel-blocked layout itself (8 x 8 transposes,
+    plain loops for a plane's tail and a partial block), checking finiteness on the way when the
+    ReLU is fused: a NaN or an infinity anywhere (the first and last value, inside a transposed
+    vector, in the tail of a 5 x 7 plane) sends the forward to dense with dense's pattern, and a
+    finite input gives dense's values, partial channel blocks included."""
+    shape = (2, channels, 5, 7)
+    net = make_net(conv_spec(caffe, "conv", shape, 12, dict(kernel_size=1, fused_relu=True)))
+    x, w, _ = load(net, np.random.default_rng(channels))
+    np.testing.assert_allclose(forward_on(caffe, net, "onednn"), forward_on(caffe, net, "dense"),
+                               rtol=1e-5, atol=1e-5)
+    x[tuple(min(i, s - 1) if i >= 0 else i for i, s in zip(at, shape))] = value
+    net.blobs["data"].data[...] = x
+    dense = forward_on(caffe, net, "dense")
+    got = forward_on(caffe, net, "onednn")
+    assert np.isnan(dense).any() or np.isinf(dense).any()
+    for check in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(check(got), check(dense))
+    finite = np.isfinite(dense)
+    np.testing.assert_allclose(got[finite], dense[finite], rtol=1e-5, atol=1e-5)
