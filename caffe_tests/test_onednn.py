@@ -139,11 +139,10 @@ def test_three_dimensional_convolution_runs_dense(caffe, make_net, paths):
                          ids=["first", "last", "in-a-vector", "in-the-tail"])
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 def test_the_input_reorder_finds_every_non_finite_value(caffe, make_net, paths, channels, at, value):
-    """onednn reorders the input into oneDNN's channel-blocked layout itself (8 x 8 transposes,
-    plain loops for a plane's tail and a partial block), checking finiteness on the way when the
-    ReLU is fused: a NaN or an infinity anywhere (the first and last value, inside a transposed
-    vector, in the tail of a 5 x 7 plane) sends the forward to dense with dense's pattern, and a
-    finite input gives dense's values, partial channel blocks included."""
+    """With the ReLU fused, onednn checks its whole input for finiteness (oneDNN's ReLU turns NaN
+    into 0): a NaN or an infinity anywhere (the first and last value, mid-plane, in the tail of a
+    5 x 7 plane; whole, partial and several channel blocks of oneDNN's blocked layout) sends the
+    forward to dense with dense's pattern, and a finite input gives dense's values."""
     shape = (2, channels, 5, 7)
     net = make_net(conv_spec(caffe, "conv", shape, 12, dict(kernel_size=1, fused_relu=True)))
     x, w, _ = load(net, np.random.default_rng(channels))
