@@ -246,14 +246,27 @@ def small_weights(net, rng):
     return weights
 
 
-@pytest.mark.parametrize("fuse_relu", [False, True], ids=["fold", "fold+fuse_relu"])
-def test_fold_rewires_and_leaves_what_it_cannot_fold(caffe, fuse_relu):
-    text = small_net(caffe)
-    rng = np.random.default_rng(7)
+def fold_small(text, seed, shape, fuse_relu):
+    """A small net with random weights, folded: (its blobs on a random input before folding, the
+    folded text and weights, that input)."""
+    rng = np.random.default_rng(seed)
     weights = small_weights(nets.load_net(text), rng)
-    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32)
     reference = forward(nets.load_net(text, weights), x)
     folded_text, folded_weights = nets.fold_batchnorm(text, weights, fuse_relu=fuse_relu)
+    return reference, folded_text, folded_weights, x
+
+
+def assert_blobs_kept(got, reference, blobs):
+    for blob in blobs:
+        scale = np.abs(reference[blob]).max()
+        np.testing.assert_allclose(got[blob], reference[blob], rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("fuse_relu", [False, True], ids=["fold", "fold+fuse_relu"])
+def test_fold_rewires_and_leaves_what_it_cannot_fold(caffe, fuse_relu):
+    reference, folded_text, folded_weights, x = fold_small(small_net(caffe), 7, (2, 3, 8, 8),
+                                                           fuse_relu)
     layers = layers_by_name(folded_text)
     relu, relu_sum = ([], []) if fuse_relu else (["relu1"], ["relu_sum"])
     assert list(layers) == ["data", "c1", *relu, "c2", "c3", "bn3", "sum", *relu_sum, "c4", "bn4"]
@@ -265,9 +278,7 @@ def test_fold_rewires_and_leaves_what_it_cannot_fold(caffe, fuse_relu):
     assert sorted(folded_weights) == ["bn3", "bn4", "c1", "c2", "c3", "c4"]
     assert [len(folded_weights[name]) for name in ["c1", "c2", "c3"]] == [2, 2, 1]
     got = forward(nets.load_net(folded_text, folded_weights), x)
-    for blob in ["sc1", "c2", "sum", "c4"]:
-        scale = np.abs(reference[blob]).max()
-        np.testing.assert_allclose(got[blob], reference[blob], rtol=0, atol=1e-5 * scale)
+    assert_blobs_kept(got, reference, ["sc1", "c2", "sum", "c4"])
 
 
 def residual_net(caffe):
@@ -300,12 +311,8 @@ def residual_net(caffe):
 
 
 def test_fold_moves_residual_sums_into_their_convolutions(caffe):
-    text = residual_net(caffe)
-    rng = np.random.default_rng(5)
-    weights = small_weights(nets.load_net(text), rng)
-    x = rng.standard_normal((2, 4, 6, 6)).astype(np.float32)
-    reference = forward(nets.load_net(text, weights), x)
-    folded_text, folded_weights = nets.fold_batchnorm(text, weights, fuse_relu=True)
+    reference, folded_text, folded_weights, x = fold_small(residual_net(caffe), 5, (2, 4, 6, 6),
+                                                           True)
     layers = layers_by_name(folded_text)
     assert list(layers) == ["data", "short", "a", "b", "c", "d", "scaled", "e", "inplace", "f",
                             "shared", "g"]
@@ -316,9 +323,7 @@ def test_fold_moves_residual_sums_into_their_convolutions(caffe):
     assert c.fused_residual and not c.fused_relu
     assert not any(layers[name].convolution_param.fused_residual for name in "defg")
     got = forward(nets.load_net(folded_text, folded_weights), x)
-    for blob in ["sum1", "sum2", "scaled", "e", "g"]:
-        scale = np.abs(reference[blob]).max()
-        np.testing.assert_allclose(got[blob], reference[blob], rtol=0, atol=1e-5 * scale)
+    assert_blobs_kept(got, reference, ["sum1", "sum2", "scaled", "e", "g"])
 
 
 @pytest.mark.parametrize("text, message", [

@@ -133,7 +133,6 @@ def test_three_dimensional_convolution_runs_dense(caffe, make_net, paths):
     np.testing.assert_allclose(forward_on(caffe, net, "onednn"), dense, rtol=1e-5, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("channels", [24, 20, 16], ids=["three-blocks", "partial-block", "two-blocks"])
 @pytest.mark.parametrize("at", [(0, 0, 0, 0), (1, -1, -1, -1), (0, 9, 4, 2), (1, 17, 2, 3)],
                          ids=["first", "last", "in-a-vector", "in-the-tail"])

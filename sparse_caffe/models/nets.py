@@ -297,9 +297,7 @@ def _fuse_residual_sums(layers: list) -> list:
 def _residual_conv(layers: list, i: int) -> int | None:
     """The index of the convolution that layer i (an Eltwise SUM) can go into, or None."""
     total = layers[i]
-    if not (total.type == "Eltwise" and len(total.bottom) == 2 and len(total.top) == 1
-            and not len(total.include) and not len(total.exclude)
-            and total.eltwise_param.operation == total.eltwise_param.SUM
+    if not (_plain_sum(total) and len(total.bottom) == 2
             and all(c == 1 for c in total.eltwise_param.coeff)
             and total.top[0] not in total.bottom and total.bottom[0] != total.bottom[1]):
         return None
@@ -388,10 +386,14 @@ def _foldable_scale(layer) -> bool:
             and layer.scale_param.num_axes == 1)
 
 
-def _fusable_sum(layer) -> bool:
+def _plain_sum(layer) -> bool:
+    """An Eltwise SUM with one top, in every phase."""
     return (layer.type == "Eltwise" and len(layer.top) == 1 and not len(layer.include)
-            and not len(layer.exclude) and layer.eltwise_param.operation == layer.eltwise_param.SUM
-            and not layer.eltwise_param.fused_relu)
+            and not len(layer.exclude) and layer.eltwise_param.operation == layer.eltwise_param.SUM)
+
+
+def _fusable_sum(layer) -> bool:
+    return _plain_sum(layer) and not layer.eltwise_param.fused_relu
 
 
 def _fusable_relu(layer) -> bool:
