@@ -392,6 +392,27 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "src/caffe/test/test_convolution_layer.cpp",
         ),
     ),
+    PatchSpec(
+        12, "onednn-hand-over",
+        "onednn hands its output to the next onednn layer in oneDNN's blocked layout: the\n"
+        "reorder back to Caffe's NCHW is left pending with the top blob (a deferred host write of\n"
+        "its SyncedMemory, done by the first cpu_data / mutable_cpu_data, so every other reader\n"
+        "gets NCHW as before), and a onednn consumer whose primitive reads that very layout takes\n"
+        "the producer's buffer as its input: no reorder out, none in. A fused_residual onednn\n"
+        "layer whose residual was handed over the same way adds it in the blocked layout and\n"
+        "hands its own output on. Counted as handed-over inputs in the profile; single-top\n"
+        "layers only (one output buffer per layer).",
+        (
+            "include/caffe/syncedmem.hpp",
+            "src/caffe/syncedmem.cpp",
+            "include/caffe/util/onednn_conv.hpp",
+            "src/caffe/util/onednn_conv.cpp",
+            "include/caffe/layers/base_conv_layer.hpp",
+            "src/caffe/layers/base_conv_layer.cpp",
+            "src/caffe/layers/conv_layer.cpp",
+            "src/caffe/test/test_convolution_layer.cpp",
+        ),
+    ),
 )
 
 CONV_TEMPLATE_CONFIG = ConvTemplateConfig()

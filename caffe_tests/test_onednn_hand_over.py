@@ -1,0 +1,112 @@
+"""onednn layers hand their outputs to each other in oneDNN's blocked layout (patch 12).
+
+A onednn layer leaves its output in its primitive's layout with the reorder to NCHW pending on the
+top blob; a onednn consumer whose primitive reads that layout takes the buffer as it is (input and
+fused_residual's residual), and anything else that reads the blob (another path, pooling, pycaffe's
+.data) gets the NCHW copy, made then. Every blob must equal the dense chain's, whoever reads it
+and in whatever order; the profile counts the inputs taken in oneDNN's layout.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from .test_forward_paths import paths  # noqa: F401 - paths is a fixture
+
+SHAPE = (2, 16, 10, 9)
+CONVS = ("a", "b", "c", "d")
+
+
+def resnet_like(caffe):
+    """a (1x1, ReLU) -> b (1x1 + a, ReLU: fused_residual) -> c (3x3 pad 1, ReLU) -> pool, and
+    d (1x1 of b, no ReLU) beside c, as ResNet's blocks read a block's output twice."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=list(SHAPE)))
+    n.a = L.Convolution(n.data, num_output=24, kernel_size=1, fused_relu=True)
+    n.b = L.Convolution(n.a, n.a, num_output=24, kernel_size=1, fused_relu=True,
+                        fused_residual=True)
+    n.c = L.Convolution(n.b, num_output=8, kernel_size=3, pad=1, fused_relu=True)
+    n.d = L.Convolution(n.b, num_output=16, kernel_size=1)
+    n.pool = L.Pooling(n.c, pool=caffe.params.Pooling.MAX, kernel_size=2, stride=2)
+    return n
+
+
+def load(net, seed=0):
+    rng = np.random.default_rng(seed)
+    for name in CONVS:
+        for blob in net.params[name]:
+            blob.data[...] = rng.standard_normal(blob.data.shape) / np.sqrt(blob.data[0].size)
+    net.blobs["data"].data[...] = rng.standard_normal(SHAPE)
+
+
+def every_blob(net, order):
+    return {name: net.blobs[name].data.copy() for name in order}
+
+
+def run(caffe, net, plan, order=("pool", "d", "c", "b", "a")):
+    caffe.clear_conv_forward_paths()
+    for name in CONVS:
+        caffe.set_conv_forward_path(plan.get(name, "dense"), name)
+    net.forward()
+    return every_blob(net, order)
+
+
+def assert_same(got, want):
+    for name in want:
+        scale = max(1.0, float(np.abs(want[name]).max()))
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * scale,
+                                   err_msg=name)
+
+
+ALL_ONEDNN = dict.fromkeys(CONVS, "onednn")
+
+
+@pytest.mark.parametrize("plan", [ALL_ONEDNN, dict(a="onednn", b="dense", c="onednn", d="onednn"),
+                                  dict(a="dense", b="onednn", c="direct", d="onednn"),
+                                  dict(a="onednn", b="onednn", c="gemm_1x1", d="direct")],
+                         ids=["all-onednn", "dense-in-between", "dense-first", "others-after"])
+@pytest.mark.parametrize("order", [("pool", "d", "c", "b", "a"), ("a", "b", "c", "d", "pool")],
+                         ids=["last-first", "first-first"])
+def test_every_blob_equals_dense_whoever_reads_it(caffe, make_net, paths, plan, order):  # noqa: F811
+    net = make_net(resnet_like(caffe))
+    load(net)
+    dense = run(caffe, net, {}, order)
+    assert_same(run(caffe, net, plan, order), dense)
+    load(net, seed=1)  # a second forward: every producer drops what it left pending last time
+    dense = run(caffe, net, {}, order)
+    assert_same(run(caffe, net, plan, order), dense)
+
+
+def test_onednn_consumers_take_their_inputs_in_onednns_layout(caffe, make_net, paths, profiling):  # noqa: F811
+    net = make_net(resnet_like(caffe))
+    load(net)
+    run(caffe, net, ALL_ONEDNN)
+    profile = caffe.conv_profile()
+    batch = SHAPE[0]
+    assert profile["a"]["inputs_handed_over"] == 0  # the net's input: NCHW from pycaffe
+    for name in ("b", "c", "d"):  # each read a onednn producer's output
+        assert profile[name]["inputs_handed_over"] == batch, name
+    caffe.reset_conv_profile()
+    run(caffe, net, dict(a="onednn", b="dense", c="onednn", d="onednn"))
+    profile = caffe.conv_profile()
+    assert [profile[name]["inputs_handed_over"] for name in ("c", "d")] == [0, 0]  # b: dense
+
+
+def test_a_python_write_into_a_handed_over_blob_is_what_the_next_layer_reads(caffe, make_net,
+                                                                             paths):  # noqa: F811
+    net = make_net(resnet_like(caffe))
+    load(net)
+    caffe.clear_conv_forward_paths()
+    for name in CONVS:
+        caffe.set_conv_forward_path("onednn", name)
+    net.forward(end="a")
+    net.blobs["a"].data[...] = 0.5  # the pending reorder is made, then overwritten
+    net.forward(start="b")
+    got = every_blob(net, ("d", "b", "a"))
+    assert (got["a"] == 0.5).all()
+    caffe.clear_conv_forward_paths()
+    net.forward(end="a")
+    net.blobs["a"].data[...] = 0.5
+    net.forward(start="b")
+    assert_same(got, every_blob(net, ("d", "b", "a")))
