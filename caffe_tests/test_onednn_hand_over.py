@@ -3,7 +3,8 @@
 A onednn layer leaves its output in its primitive's layout with the reorder to NCHW pending on the
 top blob; a onednn consumer whose primitive reads that layout takes the buffer as it is (input and
 fused_residual's residual), and anything else that reads the blob (another path, pooling, pycaffe's
-.data) gets the NCHW copy, made then. Every blob must equal the dense chain's, whoever reads it
+.data) gets the NCHW copy, made then; a producer whose pending output was made so writes NCHW
+itself for a while. Every blob must equal the dense chain's, whoever reads it
 and in whatever order; the profile counts the inputs taken in oneDNN's layout.
 """
 from __future__ import annotations
@@ -110,3 +111,24 @@ def test_a_python_write_into_a_handed_over_blob_is_what_the_next_layer_reads(caf
     net.blobs["a"].data[...] = 0.5
     net.forward(start="b")
     assert_same(got, every_blob(net, ("d", "b", "a")))
+
+
+def test_a_producer_whose_hand_over_was_made_into_nchw_writes_nchw_itself(caffe, make_net, paths,
+                                                                          profiling):  # noqa: F811
+    # Reading a's output from Python makes its pending reorder; a then writes NCHW itself on its
+    # next forwards (so its own time, not its reader's, carries the reorder), and b reads NCHW.
+    net = make_net(resnet_like(caffe))
+    load(net)
+    caffe.clear_conv_forward_paths()
+    for name in CONVS:
+        caffe.set_conv_forward_path("onednn", name)
+    batch = SHAPE[0]
+    for forward in range(3):  # nobody reads a's host copy: handed over every time
+        caffe.reset_conv_profile()
+        net.forward()
+        assert caffe.conv_profile()["b"]["inputs_handed_over"] == batch, forward
+    net.blobs["a"].data.copy()
+    for forward in range(3):
+        caffe.reset_conv_profile()
+        net.forward()
+        assert caffe.conv_profile()["b"]["inputs_handed_over"] == 0, forward
