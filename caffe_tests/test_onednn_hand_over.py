@@ -132,3 +132,24 @@ def test_a_producer_whose_hand_over_was_made_into_nchw_writes_nchw_itself(caffe,
         caffe.reset_conv_profile()
         net.forward()
         assert caffe.conv_profile()["b"]["inputs_handed_over"] == 0, forward
+
+
+def test_a_paused_producer_still_takes_its_residual_in_onednns_layout(caffe, make_net, paths,
+                                                                      profiling):  # noqa: F811
+    # b's own output is made into NCHW (read from Python), so b writes NCHW for a while; it must
+    # still add its residual (a's output) in oneDNN's layout, not from a's host copy, which would
+    # stop a handing over too (and so on back along a ResNet's chain of shortcuts).
+    net = make_net(resnet_like(caffe))
+    load(net)
+    caffe.clear_conv_forward_paths()
+    for name in CONVS:
+        caffe.set_conv_forward_path("onednn", name)
+    net.forward()
+    net.blobs["b"].data.copy()
+    batch = SHAPE[0]
+    for forward in range(3):
+        caffe.reset_conv_profile()
+        net.forward()
+        profile = caffe.conv_profile()
+        assert profile["b"]["inputs_handed_over"] == batch, forward
+        assert [profile[name]["inputs_handed_over"] for name in ("c", "d")] == [0, 0], forward
