@@ -407,6 +407,8 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "src/caffe/syncedmem.cpp",
             "include/caffe/util/onednn_conv.hpp",
             "src/caffe/util/onednn_conv.cpp",
+            "include/caffe/util/auto_path.hpp",
+            "src/caffe/util/auto_path.cpp",
             "include/caffe/layers/base_conv_layer.hpp",
             "src/caffe/layers/base_conv_layer.cpp",
             "src/caffe/layers/conv_layer.cpp",
