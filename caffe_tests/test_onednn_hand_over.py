@@ -132,6 +132,11 @@ def test_a_producer_whose_hand_over_was_made_into_nchw_writes_nchw_itself(caffe,
         caffe.reset_conv_profile()
         net.forward()
         assert caffe.conv_profile()["b"]["inputs_handed_over"] == 0, forward
+    # Any change of the paths in force (a bench's next column, say) ends the pause at once.
+    caffe.set_conv_forward_path("onednn", "d")
+    caffe.reset_conv_profile()
+    net.forward()
+    assert caffe.conv_profile()["b"]["inputs_handed_over"] == batch
 
 
 def test_a_paused_producer_still_takes_its_residual_in_onednns_layout(caffe, make_net, paths,
