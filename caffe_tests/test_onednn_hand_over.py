@@ -15,20 +15,22 @@ import pytest
 from .test_forward_paths import paths  # noqa: F401 - paths is a fixture
 
 SHAPE = (2, 16, 10, 9)
-CONVS = ("a", "b", "c", "d")
+CONVS = ("a", "b", "c", "d", "e")
 
 
 def resnet_like(caffe):
     """a (1x1, ReLU) -> b (1x1 + a, ReLU: fused_residual) -> c (3x3 pad 1, ReLU) -> pool, and
-    d (1x1 of b, no ReLU) beside c, as ResNet's blocks read a block's output twice."""
+    d (1x1 of b, no ReLU) and e (1x1 of b, stride 2: the primitive reads every other row and
+    column) beside c, as ResNet's blocks read a block's output two or three times."""
     L = caffe.layers
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=list(SHAPE)))
-    n.a = L.Convolution(n.data, num_output=24, kernel_size=1, fused_relu=True)
-    n.b = L.Convolution(n.a, n.a, num_output=24, kernel_size=1, fused_relu=True,
+    n.a = L.Convolution(n.data, num_output=32, kernel_size=1, fused_relu=True)
+    n.b = L.Convolution(n.a, n.a, num_output=32, kernel_size=1, fused_relu=True,
                         fused_residual=True)
     n.c = L.Convolution(n.b, num_output=8, kernel_size=3, pad=1, fused_relu=True)
     n.d = L.Convolution(n.b, num_output=16, kernel_size=1)
+    n.e = L.Convolution(n.b, num_output=8, kernel_size=1, stride=2)
     n.pool = L.Pooling(n.c, pool=caffe.params.Pooling.MAX, kernel_size=2, stride=2)
     return n
 
@@ -45,7 +47,7 @@ def every_blob(net, order):
     return {name: net.blobs[name].data.copy() for name in order}
 
 
-def run(caffe, net, plan, order=("pool", "d", "c", "b", "a")):
+def run(caffe, net, plan, order=("pool", "e", "d", "c", "b", "a")):
     caffe.clear_conv_forward_paths()
     for name in CONVS:
         caffe.set_conv_forward_path(plan.get(name, "dense"), name)
@@ -63,13 +65,17 @@ def assert_same(got, want):
 ALL_ONEDNN = dict.fromkeys(CONVS, "onednn")
 
 
-@pytest.mark.parametrize("plan", [ALL_ONEDNN, dict(a="onednn", b="dense", c="onednn", d="onednn"),
-                                  dict(a="dense", b="onednn", c="direct", d="onednn"),
-                                  dict(a="onednn", b="onednn", c="gemm_1x1", d="direct")],
+@pytest.mark.parametrize("plan", [
+    ALL_ONEDNN,
+    dict(a="onednn", b="dense", c="onednn", d="onednn", e="onednn"),
+    dict(a="dense", b="onednn", c="direct", d="onednn", e="onednn"),
+    dict(a="onednn", b="onednn", c="gemm_1x1", d="direct", e="onednn")],
                          ids=["all-onednn", "dense-in-between", "dense-first", "others-after"])
-@pytest.mark.parametrize("order", [("pool", "d", "c", "b", "a"), ("a", "b", "c", "d", "pool")],
+@pytest.mark.parametrize("order", [("pool", "e", "d", "c", "b", "a"),
+                                   ("a", "b", "c", "d", "e", "pool")],
                          ids=["last-first", "first-first"])
-def test_every_blob_equals_dense_whoever_reads_it(caffe, make_net, paths, plan, order):  # noqa: F811
+def test_every_blob_equals_dense_whoever_reads_it(caffe, make_net, paths,  # noqa: F811
+                                                 plan, order):
     net = make_net(resnet_like(caffe))
     load(net)
     dense = run(caffe, net, {}, order)
@@ -79,19 +85,21 @@ def test_every_blob_equals_dense_whoever_reads_it(caffe, make_net, paths, plan, 
     assert_same(run(caffe, net, plan, order), dense)
 
 
-def test_onednn_consumers_take_their_inputs_in_onednns_layout(caffe, make_net, paths, profiling):  # noqa: F811
+def test_onednn_consumers_take_their_inputs_in_onednns_layout(caffe, make_net,
+                                                              paths, profiling):  # noqa: F811
     net = make_net(resnet_like(caffe))
     load(net)
     run(caffe, net, ALL_ONEDNN)
     profile = caffe.conv_profile()
     batch = SHAPE[0]
     assert profile["a"]["inputs_handed_over"] == 0  # the net's input: NCHW from pycaffe
-    for name in ("b", "c", "d"):  # each read a onednn producer's output
+    for name in ("b", "c", "d", "e"):  # each read a onednn producer's output (e: every other pixel)
         assert profile[name]["inputs_handed_over"] == batch, name
     caffe.reset_conv_profile()
-    run(caffe, net, dict(a="onednn", b="dense", c="onednn", d="onednn"))
+    run(caffe, net, dict(ALL_ONEDNN, b="dense"))
     profile = caffe.conv_profile()
-    assert [profile[name]["inputs_handed_over"] for name in ("c", "d")] == [0, 0]  # b: dense
+    # b ran dense, so nothing after it was handed over
+    assert [profile[name]["inputs_handed_over"] for name in ("c", "d", "e")] == [0, 0, 0]
 
 
 def test_a_python_write_into_a_handed_over_blob_is_what_the_next_layer_reads(caffe, make_net,
@@ -104,13 +112,13 @@ def test_a_python_write_into_a_handed_over_blob_is_what_the_next_layer_reads(caf
     net.forward(end="a")
     net.blobs["a"].data[...] = 0.5  # the pending reorder is made, then overwritten
     net.forward(start="b")
-    got = every_blob(net, ("d", "b", "a"))
+    got = every_blob(net, ("e", "d", "b", "a"))
     assert (got["a"] == 0.5).all()
     caffe.clear_conv_forward_paths()
     net.forward(end="a")
     net.blobs["a"].data[...] = 0.5
     net.forward(start="b")
-    assert_same(got, every_blob(net, ("d", "b", "a")))
+    assert_same(got, every_blob(net, ("e", "d", "b", "a")))
 
 
 def test_a_producer_whose_hand_over_was_made_into_nchw_writes_nchw_itself(caffe, make_net, paths,
@@ -157,4 +165,5 @@ def test_a_paused_producer_still_takes_its_residual_in_onednns_layout(caffe, mak
         net.forward()
         profile = caffe.conv_profile()
         assert profile["b"]["inputs_handed_over"] == batch, forward
-        assert [profile[name]["inputs_handed_over"] for name in ("c", "d")] == [0, 0], forward
+        readers = [profile[name]["inputs_handed_over"] for name in ("c", "d", "e")]
+        assert readers == [0, 0, 0], forward
