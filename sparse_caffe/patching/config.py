@@ -400,8 +400,13 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         "gets NCHW as before), and a onednn consumer whose primitive reads that very layout takes\n"
         "the producer's buffer as its input: no reorder out, none in. A fused_residual onednn\n"
         "layer whose residual was handed over the same way adds it in the blocked layout and\n"
-        "hands its own output on. Counted as handed-over inputs in the profile; single-top\n"
-        "layers only (one output buffer per layer).",
+        "hands its own output on, and a strided 1x1 layer takes every stride-th row and column\n"
+        "of a handed-over input. Counted as handed-over inputs in the profile; single-top layers\n"
+        "only (one output buffer per layer). A producer whose pending output a reader made into\n"
+        "NCHW anyway writes NCHW itself for 8 forwards (while the paths in force stay, and no\n"
+        "layer calibrates auto, whose candidates run among their neighbours' hand-overs). auto\n"
+        "takes onednn over a non-dense winner it is within the margin of: its hand-over saves\n"
+        "reorders in its neighbours' times, which its own median does not show.",
         (
             "include/caffe/syncedmem.hpp",
             "src/caffe/syncedmem.cpp",
