@@ -167,3 +167,27 @@ def test_a_paused_producer_still_takes_its_residual_in_onednns_layout(caffe, mak
         assert profile["b"]["inputs_handed_over"] == batch, forward
         readers = [profile[name]["inputs_handed_over"] for name in ("c", "d", "e")]
         assert readers == [0, 0, 0], forward
+
+
+@pytest.mark.parametrize("batches", [(2, 1, 3), (1, 3, 2)], ids=["shrink-grow", "grow-shrink"])
+def test_reshapes_between_forwards_keep_every_blob_right(caffe, make_net, paths,  # noqa: F811
+                                                         profiling, batches):
+    # A shrinking reshape keeps the top's memory (and what its producer left pending there, now
+    # for the old batch: reading it then must neither overflow nor crash); a growing one
+    # replaces it. Every forward after either equals dense's.
+    net = make_net(resnet_like(caffe))
+    load(net)
+    rng = np.random.default_rng(7)
+    for batch in batches:
+        net.blobs["data"].reshape(batch, *SHAPE[1:])
+        net.reshape()
+        net.blobs["b"].data.copy()  # whatever is pending from the last forward, made now
+        net.blobs["data"].data[...] = rng.standard_normal((batch, *SHAPE[1:]))
+        dense = run(caffe, net, {})
+        assert_same(run(caffe, net, ALL_ONEDNN), dense)
+        # Then one forward whose outputs nobody reads: b's stays pending into the reshape (a
+        # change of the paths in force first, so b is not pausing after the reads above).
+        caffe.set_conv_forward_path("onednn", "b")
+        caffe.reset_conv_profile()
+        net.forward()
+        assert caffe.conv_profile()["c"]["inputs_handed_over"] == batch
