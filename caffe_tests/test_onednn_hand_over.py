@@ -65,6 +65,23 @@ def assert_same(got, want):
 ALL_ONEDNN = dict.fromkeys(CONVS, "onednn")
 
 
+def onednn_net(caffe, make_net):
+    """The net, loaded, every convolution on onednn (overrides set, nothing run yet)."""
+    net = make_net(resnet_like(caffe))
+    load(net)
+    caffe.clear_conv_forward_paths()
+    for name in CONVS:
+        caffe.set_conv_forward_path("onednn", name)
+    return net
+
+
+def handed_over(caffe, net):
+    """One forward's inputs taken in oneDNN's layout, per convolution (profiling on)."""
+    caffe.reset_conv_profile()
+    net.forward()
+    return {name: entry["inputs_handed_over"] for name, entry in caffe.conv_profile().items()}
+
+
 @pytest.mark.parametrize("plan", [
     ALL_ONEDNN,
     dict(a="onednn", b="dense", c="onednn", d="onednn", e="onednn"),
@@ -104,11 +121,7 @@ def test_onednn_consumers_take_their_inputs_in_onednns_layout(caffe, make_net,
 
 def test_a_python_write_into_a_handed_over_blob_is_what_the_next_layer_reads(caffe, make_net,
                                                                              paths):  # noqa: F811
-    net = make_net(resnet_like(caffe))
-    load(net)
-    caffe.clear_conv_forward_paths()
-    for name in CONVS:
-        caffe.set_conv_forward_path("onednn", name)
+    net = onednn_net(caffe, make_net)
     net.forward(end="a")
     net.blobs["a"].data[...] = 0.5  # the pending reorder is made, then overwritten
     net.forward(start="b")
@@ -125,26 +138,16 @@ def test_a_producer_whose_hand_over_was_made_into_nchw_writes_nchw_itself(caffe,
                                                                           profiling):  # noqa: F811
     # Reading a's output from Python makes its pending reorder; a then writes NCHW itself on its
     # next forwards (so its own time, not its reader's, carries the reorder), and b reads NCHW.
-    net = make_net(resnet_like(caffe))
-    load(net)
-    caffe.clear_conv_forward_paths()
-    for name in CONVS:
-        caffe.set_conv_forward_path("onednn", name)
+    net = onednn_net(caffe, make_net)
     batch = SHAPE[0]
     for forward in range(3):  # nobody reads a's host copy: handed over every time
-        caffe.reset_conv_profile()
-        net.forward()
-        assert caffe.conv_profile()["b"]["inputs_handed_over"] == batch, forward
+        assert handed_over(caffe, net)["b"] == batch, forward
     net.blobs["a"].data.copy()
     for forward in range(3):
-        caffe.reset_conv_profile()
-        net.forward()
-        assert caffe.conv_profile()["b"]["inputs_handed_over"] == 0, forward
+        assert handed_over(caffe, net)["b"] == 0, forward
     # Any change of the paths in force (a bench's next column, say) ends the pause at once.
     caffe.set_conv_forward_path("onednn", "d")
-    caffe.reset_conv_profile()
-    net.forward()
-    assert caffe.conv_profile()["b"]["inputs_handed_over"] == batch
+    assert handed_over(caffe, net)["b"] == batch
 
 
 def test_a_paused_producer_still_takes_its_residual_in_onednns_layout(caffe, make_net, paths,
@@ -152,21 +155,14 @@ def test_a_paused_producer_still_takes_its_residual_in_onednns_layout(caffe, mak
     # b's own output is made into NCHW (read from Python), so b writes NCHW for a while; it must
     # still add its residual (a's output) in oneDNN's layout, not from a's host copy, which would
     # stop a handing over too (and so on back along a ResNet's chain of shortcuts).
-    net = make_net(resnet_like(caffe))
-    load(net)
-    caffe.clear_conv_forward_paths()
-    for name in CONVS:
-        caffe.set_conv_forward_path("onednn", name)
+    net = onednn_net(caffe, make_net)
     net.forward()
     net.blobs["b"].data.copy()
     batch = SHAPE[0]
     for forward in range(3):
-        caffe.reset_conv_profile()
-        net.forward()
-        profile = caffe.conv_profile()
-        assert profile["b"]["inputs_handed_over"] == batch, forward
-        readers = [profile[name]["inputs_handed_over"] for name in ("c", "d", "e")]
-        assert readers == [0, 0, 0], forward
+        counts = handed_over(caffe, net)
+        assert counts["b"] == batch, forward
+        assert [counts[name] for name in ("c", "d", "e")] == [0, 0, 0], forward
 
 
 @pytest.mark.parametrize("batches", [(2, 1, 3), (1, 3, 2)], ids=["shrink-grow", "grow-shrink"])
@@ -188,6 +184,4 @@ def test_reshapes_between_forwards_keep_every_blob_right(caffe, make_net, paths,
         # Then one forward whose outputs nobody reads: b's stays pending into the reshape (a
         # change of the paths in force first, so b is not pausing after the reads above).
         caffe.set_conv_forward_path("onednn", "b")
-        caffe.reset_conv_profile()
-        net.forward()
-        assert caffe.conv_profile()["c"]["inputs_handed_over"] == batch
+        assert handed_over(caffe, net)["c"] == batch
