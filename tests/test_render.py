@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from sparse_caffe.patching import render, series
+from sparse_caffe.patching import render, series, templating
 from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG, PATCH_SERIES, PATCHES_DIR, PatchSpec
 from sparse_caffe.errors import UserError
 from sparse_caffe.patching.source import ensure_source
@@ -173,3 +173,27 @@ def test_auto_is_numbered_after_the_concrete_paths_and_never_one_of_them():
         ConvTemplateConfig(auto_excluded=(("dense", "never"),))
     with pytest.raises(ValueError, match="unknown paths"):
         ConvTemplateConfig(backend_independent=("fast",))
+
+
+def test_direct_kernels_prefetch_what_config_says():
+    """The rendered AVX2 strip kernels prefetch the lines of the nonzero prefetch_ahead places
+    on (every line a strip of v registers spans), AVX-512's none, and the offsets carry that many
+    padding entries; a prefetch distance out of range is refused."""
+    from sparse_caffe.patching.config import ConvTemplateConfig, SimdIsa
+
+    config = CONV_TEMPLATE_CONFIG
+    ahead = {isa.name: isa.prefetch_ahead for isa in config.direct_isas}
+    path = "src/caffe/util/sparse_conv.cpp"
+    spec = next(spec for spec in PATCH_SERIES if path in spec.files)
+    source = templating.render(f"{path}.j2", {"config": config, "patch": spec})
+    assert f"const int kDirectPrefetchAhead = {max(ahead.values())};" in source
+    for isa in config.direct_isas:
+        for v in (1, isa.max_vectors):
+            body = source.split(f"void strip_{isa.name}_float_{v}(")[1].split("\n}\n")[0]
+            lines = body.count("_mm_prefetch(")
+            spans = v * isa.register_bits // 8
+            assert lines == (0 if not isa.prefetch_ahead else len(range(0, spans, 64)) + 1)
+            assert (f"off[j + {isa.prefetch_ahead}]" in body) == bool(isa.prefetch_ahead)
+    with pytest.raises(ValueError, match="unsupported direct ISA"):
+        ConvTemplateConfig(direct_isas=(SimdIsa("avx2", "avx2,fma", ("avx2", "fma"), 256, 12,
+                                                prefetch_ahead=65),))
