@@ -18,14 +18,14 @@ SHAPE = (2, 16, 10, 9)
 CONVS = ("a", "b", "c", "d", "e")
 
 
-def resnet_like(caffe):
+def resnet_like(caffe, a_relu=True):
     """a (1x1, ReLU) -> b (1x1 + a, ReLU: fused_residual) -> c (3x3 pad 1, ReLU) -> pool, and
     d (1x1 of b, no ReLU) and e (1x1 of b, stride 2: the primitive reads every other row and
     column) beside c, as ResNet's blocks read a block's output two or three times."""
     L = caffe.layers
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=list(SHAPE)))
-    n.a = L.Convolution(n.data, num_output=32, kernel_size=1, fused_relu=True)
+    n.a = L.Convolution(n.data, num_output=32, kernel_size=1, fused_relu=a_relu)
     n.b = L.Convolution(n.a, n.a, num_output=32, kernel_size=1, fused_relu=True,
                         fused_residual=True)
     n.c = L.Convolution(n.b, num_output=8, kernel_size=3, pad=1, fused_relu=True)
@@ -185,3 +185,26 @@ def test_reshapes_between_forwards_keep_every_blob_right(caffe, make_net, paths,
         # change of the paths in force first, so b is not pausing after the reads above).
         caffe.set_conv_forward_path("onednn", "b")
         assert handed_over(caffe, net)["c"] == batch
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_nan_reaching_a_handed_over_sum_still_sends_a_relu_consumer_to_dense(caffe, make_net,
+                                                                              paths, bad):  # noqa: F811
+    """b's residual pass tells its consumers whether the sum it handed over is all finite, so
+    that c (fused ReLU: oneDNN's would turn NaN into 0) can skip reading it again. A NaN that
+    reached that sum (a without ReLU runs onednn on a NaN input and hands its NaNs over as b's
+    input and residual) must still make c check, find it and run dense: NaN where dense has it."""
+    net = make_net(resnet_like(caffe, a_relu=False))
+    load(net)
+    net.blobs["data"].data[0, 3, 4, 5] = bad
+    order = ("pool", "e", "d", "c", "b", "a")
+    dense = run(caffe, net, {}, order)
+    assert np.isnan(dense["c"]).any() or np.isinf(dense["c"]).any()
+    for _ in range(2):  # the second forward: the hand-overs of the first one in place
+        net.blobs["data"].data[0, 3, 4, 5] = bad
+        got = run(caffe, net, ALL_ONEDNN, order)
+        for name in order:
+            np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(dense[name]), err_msg=name)
+            np.testing.assert_array_equal(np.isinf(got[name]), np.isinf(dense[name]), err_msg=name)
+            finite = np.isfinite(dense[name])
+            assert_same({name: got[name][finite]}, {name: dense[name][finite]})
