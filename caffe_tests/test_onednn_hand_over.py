@@ -9,6 +9,12 @@ and in whatever order; the profile counts the inputs taken in oneDNN's layout.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -208,3 +214,51 @@ def test_a_nan_reaching_a_handed_over_sum_still_sends_a_relu_consumer_to_dense(c
             np.testing.assert_array_equal(np.isinf(got[name]), np.isinf(dense[name]), err_msg=name)
             finite = np.isfinite(dense[name])
             assert_same({name: got[name][finite]}, {name: dense[name][finite]})
+
+
+# Run in a fresh process, since oneDNN reads DNNL_MAX_CPU_ISA once: the resnet_like net all on
+# onednn against dense, and how many images e (the strided 1x1) took handed over.
+STRIDED_CONSUMER = """
+import json, sys, tempfile
+from pathlib import Path
+import numpy as np
+import caffe
+from caffe_tests.test_onednn_hand_over import ALL_ONEDNN, load, resnet_like, run
+caffe.set_mode_cpu()
+with tempfile.TemporaryDirectory() as tmp:
+    path = Path(tmp) / "net.prototxt"
+    path.write_text(str(resnet_like(caffe).to_proto()))
+    net = caffe.Net(str(path), caffe.TEST)
+    load(net)
+    dense = run(caffe, net, {})
+    caffe.reset_conv_profile()
+    caffe.set_conv_profiling(True)
+    got = run(caffe, net, ALL_ONEDNN)
+    caffe.set_conv_profiling(False)
+    handed = caffe.conv_profile()["e"]["inputs_handed_over"]
+    worst = max(float(np.abs(got[k] - dense[k]).max()) / max(1.0, float(np.abs(dense[k]).max()))
+                for k in dense)
+print(json.dumps({"handed_over": handed, "worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("isa", [None, "AVX2"], ids=["onednn-pick", "avx2-blocked"])
+def test_a_strided_consumer_takes_its_input_in_either_layout_onednn_picks(caffe, caffe_python_path,
+                                                                          isa):
+    """oneDNN 2.6 runs these 1x1 convolutions channels last (acdb) on AVX-512 and blocked
+    (nChw8c) on AVX2; the strided consumer e reads every other row and column of either. Capped
+    at AVX2 (DNNL_MAX_CPU_ISA), an AVX-512 machine takes the blocked layout, so both layouts are
+    checked there; on an AVX2 machine both runs check the blocked one."""
+    if not caffe.onednn_version():
+        pytest.skip("this build has no oneDNN")
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=os.pathsep.join(
+        [str(caffe_python_path), str(Path(__file__).resolve().parents[1])]))
+    env.pop("DNNL_MAX_CPU_ISA", None)
+    if isa:
+        env["DNNL_MAX_CPU_ISA"] = isa
+    done = subprocess.run([sys.executable, "-c", STRIDED_CONSUMER], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["worst"] < 1e-4
+    assert result["handed_over"] == SHAPE[0]
