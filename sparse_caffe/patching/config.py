@@ -98,7 +98,9 @@ class ConvTemplateConfig:
     direct_isas: tuple[SimdIsa, ...] = (
         SimdIsa("avx512", "avx512f", ("avx512f",), 512, 16),
         # prefetch 8 ahead: res3/res2/conv3-5 shapes' kernels 5-13% faster, res5's 3-8% (AMD
-        # Zen 3, per-round ratios of interleaved runs); AVX-512 is left without, not measured.
+        # Zen 3, per-round ratios of interleaved runs). AVX-512 is left without: on a Cascade
+        # Lake Xeon the same prefetch gave res5 +9%, res4 +8%, res3 +1%, CaffeNet conv3 -5%,
+        # inside that machine's per-round spread (alternating processes of the two builds).
         SimdIsa("avx2", "avx2,fma", ("avx2", "fma"), 256, 12, prefetch_ahead=8),
     )
     # Forward paths of the InnerProduct (fully connected) multiply, numbered from 1 in this order in
