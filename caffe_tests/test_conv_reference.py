@@ -205,7 +205,7 @@ def profiled_conv(caffe, make_net, name, shape=(2, 3, 8, 8), num_output=4, zeros
 # A layer's profile before any profiled forward (or after a reset).
 ZERO_ENTRY = {"calls": 0, "input_elements": 0, "input_nonzeros": 0, "dense_macs": 0, "useful_macs": 0,
               "weight_nonzeros": 0, "weight_elements": 0, "inputs_handed_over": 0, "path": "default",
-              "backend": "default", "seconds": dict.fromkeys(PHASES, 0.0)}
+              "backend": "default", "direct_blocks": 0, "seconds": dict.fromkeys(PHASES, 0.0)}
 
 
 def entry(caffe, name):

@@ -422,7 +422,8 @@ def test_three_dimensional_convolution_equals_dense(caffe, make_net, backend, pa
 
 # Shapes the direct kernel treats specially: outputs wider than one strip of registers, strides
 # that split the input into phases, padding wider than the kernel (no shared padding), a
-# CaffeNet-conv1-like 11x11 stride 4, dilation with stride.
+# CaffeNet-conv1-like 11x11 stride 4, dilation with stride, and inputs of so many channels that
+# the product runs in blocks of them (BLOCKED_CASES, on every kernel set).
 DIRECT_CASES = [
     Case("wide-3x3-pad1", (1, 3, 9, 60), 5, dict(kernel_size=3, pad=1)),
     Case("wide-1x1", (2, 6, 3, 113), 4, dict(kernel_size=1)),
@@ -433,6 +434,12 @@ DIRECT_CASES = [
     Case("stride-h1-w3-group2", (1, 4, 8, 20), 6, dict(kernel_h=2, kernel_w=4, stride_h=1, stride_w=3,
                                                       pad_h=1, pad_w=0, group=2)),
 ]
+BLOCKED_CASES = [
+    Case("blocked-3x3", (1, 96, 12, 12), 24, dict(kernel_size=3, pad=1)),
+    Case("blocked-stride2-dilation2-group2", (2, 128, 15, 13), 8,
+         dict(kernel_size=3, stride=2, dilation=2, pad=2, group=2)),
+]
+DIRECT_CASES += BLOCKED_CASES
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -490,6 +497,21 @@ def test_direct_keeps_dense_non_finite_semantics(caffe, make_net, paths, where):
     net.blobs["data"].data[...] = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     dense = forward_on(caffe, net, "dense")
     np.testing.assert_allclose(forward_on(caffe, net, "direct"), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=lambda case: case.id)
+def test_direct_runs_many_channels_in_blocks(caffe, make_net, paths, profiling, case):
+    """BLOCKED_CASES do engage the blocks (so the shape tests above check them); a few channels
+    run in one."""
+    for shape, blocked in [(case.shape, True), ((1, 4) + case.shape[2:], False)]:
+        net = make_net(conv_spec(caffe, "conv", shape, case.num_output, case.conv))
+        rng = np.random.default_rng(3)
+        net.params["conv"][0].data[...] = sparse_weights(rng, net.params["conv"][0].data.shape, 0.6)
+        net.blobs["data"].data[...] = random_input(rng, shape, 0.5)
+        caffe.reset_conv_profile()
+        forward_on(caffe, net, "direct")
+        blocks = caffe.conv_profile()["conv"]["direct_blocks"]
+        assert (blocks > 1) == blocked, (shape, blocks)
 
 
 def test_direct_profiles_a_batch_image_by_image(caffe, make_net, paths, profiling):

@@ -103,6 +103,11 @@ class ConvTemplateConfig:
         # inside that machine's per-round spread (alternating processes of the two builds).
         SimdIsa("avx2", "avx2,fma", ("avx2", "fma"), 256, 12, prefetch_ahead=8),
     )
+    # The direct product runs over the input channels in blocks whose part of a strip takes at
+    # most this many bytes (half of a 32 KiB L1), unless that leaves fewer than
+    # direct_block_nonzeros nonzeros per output channel and block on average.
+    direct_block_bytes: int = 16384
+    direct_block_nonzeros: int = 8
     # Forward paths of the InnerProduct (fully connected) multiply, numbered from 1 in this order in
     # caffe.proto's InnerProductParameter.ForwardPath.
     fc_forward_paths: tuple[str, ...] = ("dense", "sparse")
@@ -224,13 +229,15 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         "sparse_output (the same, also keeping the output's CSR with the top blob for the next\n"
         "convolution), on our OpenMP kernels or MKL's sparse BLAS, with an optional fused ReLU,\n"
         "and direct (Park et al.'s direct sparse convolution: weights as offsets into a zero-padded\n"
-        "copy of the input, a strip of outputs in vector registers, bias and ReLU fused). The\n"
+        "copy of the input, a strip of outputs in vector registers, bias and ReLU fused; the input\n"
+        "channels in L1-sized blocks, a strip's partial sums carried between them). The\n"
         "ForwardPath enum also names onednn, activation_sparse and gemm_1x1, which patches 5, 9\n"
         "and 10 implement (dense without them).\n"
         "Chosen per layer in the prototxt (convolution_param.forward_path, sparse_backend), from\n"
         "pycaffe, or process-wide with SPARSE_CAFFE_FORWARD_PATH / SPARSE_CAFFE_SPARSE_BACKEND.\n"
         "A per-layer profile times the phases and counts calls, input nonzeros, multiply-adds and\n"
-        "CSR hand-overs; pycaffe reads it with caffe.conv_profile().",
+        "CSR hand-overs; pycaffe reads it with caffe.conv_profile(). Caffe's convolution gtest\n"
+        "gains a float/double check of direct's blocked product against the reference.",
         (
             "src/caffe/proto/caffe.proto",
             "include/caffe/util/conv_profile.hpp",
@@ -241,6 +248,7 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "src/caffe/layers/base_conv_layer.cpp",
             "src/caffe/layers/conv_layer.cpp",
             "src/caffe/layers/deconv_layer.cpp",
+            "src/caffe/test/test_convolution_layer.cpp",
             "python/caffe/_caffe.cpp",
             "python/caffe/__init__.py",
         ),
