@@ -108,6 +108,12 @@ class ConvTemplateConfig:
     # direct_block_nonzeros nonzeros per output channel and block on average.
     direct_block_bytes: int = 16384
     direct_block_nonzeros: int = 8
+    # Our OpenMP regions under background load (omp_team.hpp): a region is late when a thread
+    # started, or the master waited at its closing barrier, more than team_late_us beyond its own
+    # share; a late region forked within team_solo_ms of the last late one sends the regions of
+    # the next team_solo_ms to one thread.
+    team_late_us: int = 2000
+    team_solo_ms: int = 200
     # Forward paths of the InnerProduct (fully connected) multiply, numbered from 1 in this order in
     # caffe.proto's InnerProductParameter.ForwardPath.
     fc_forward_paths: tuple[str, ...] = ("dense", "sparse")
@@ -242,6 +248,8 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "src/caffe/proto/caffe.proto",
             "include/caffe/util/conv_profile.hpp",
             "src/caffe/util/conv_profile.cpp",
+            "include/caffe/util/omp_team.hpp",
+            "src/caffe/util/omp_team.cpp",
             "include/caffe/util/sparse_conv.hpp",
             "src/caffe/util/sparse_conv.cpp",
             "include/caffe/layers/base_conv_layer.hpp",
