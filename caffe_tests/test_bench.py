@@ -142,6 +142,8 @@ def test_every_number_is_derived_from_measurements(run_dir, caffe):
         assert result["stages_ms"]["convolution"] > 0 and result["stages_ms"]["fully_connected"] > 0
         assert result["consistency_gap"] == pytest.approx(
             1 - result["layer_sum_ms"] / result["stats"]["median"])
+        # one thread (--threads 1): no team, so nothing ever ran on one thread for being late
+        assert result["solo_regions"] == 0
 
 
 def test_csv_agrees_with_json(run_dir):

@@ -141,9 +141,9 @@ def test_build_context_is_what_the_dockerfile_copies():
 
 def test_build_context_is_small_and_holds_no_build_or_results():
     files = context_files()
-    # Mostly the patch series (~510 KB, most of it the rendered microkernels of the direct,
+    # Mostly the patch series (~560 KB, most of it the rendered microkernels of the direct,
     # activation_sparse and gemm_1x1 paths and of max pooling).
-    assert sum(files.values()) < 640_000, sum(files.values())
+    assert sum(files.values()) < 720_000, sum(files.values())
     for name in files:
         assert not name.startswith((".git", ".venv", "results", "build", "templates", "tests"))
         assert "__pycache__" not in name and not name.endswith((".so", ".png", ".caffemodel"))

@@ -142,6 +142,12 @@ def derive(raw: RawResult, batch: int) -> tuple[list[dict], dict, list[str]]:
                             f"time but the whole forward {whole:.2f} ms "
                             f"({net[path]['consistency_gap']:+.0%}): {why}; re-run on a quiet "
                             "machine")
+        net[path]["solo_regions"] = raw.paths[path].get("solo_regions")  # None: an older run
+        if net[path]["solo_regions"]:
+            problems.append(f"whole net on {path}: {net[path]['solo_regions']} parallel regions "
+                            "of our kernels ran on one thread in its timed rounds (a thread of the "
+                            "OpenMP team was late: another process busy on a core); its times are "
+                            "a loaded machine's; re-run on a quiet machine")
         if net[path]["top1_agreement"] < 1.0:
             problems.append(f"whole net on {path}: top-1 agrees with dense on "
                             f"{net[path]['top1_agreement']:.1%} of the images")

@@ -208,6 +208,12 @@ def timed_ms(call):
     return (time.perf_counter() - start) * 1e3
 
 
+def solo_regions(caffe):
+    """Parallel regions of our kernels run on one thread so far because a thread of the OpenMP
+    team was late (another process busy on a core): caffe.team_solo_regions()."""
+    return caffe.team_solo_regions()
+
+
 def profiled_forward(caffe, forward):
     """One forward with the convolutions' phase timers and counters on: caffe.conv_profile()."""
     caffe.reset_conv_profile()
@@ -250,7 +256,8 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
 
     results = {path: {"net_times_ms": [], "layer_times_ms": {name: [] for name in net._layer_names},
                       "phases_ms": {name: {} for name in layers},
-                      "counters": {name: None for name in layers}, "round_order": []}
+                      "counters": {name: None for name in layers}, "round_order": [],
+                      "solo_regions": 0}
                for path in paths}
     total_steps = len(paths) * (spec.warmup + repeats)
     state = {"step": 0}
@@ -277,6 +284,7 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
         use(path)
         measured = results[path]
         measured["round_order"].append(position)
+        solo_before = solo_regions(caffe)
         profile = profiled_forward(caffe, lambda: forward(feed))  # per-layer phases
         for name in layers:
             p = profile[name]
@@ -295,6 +303,7 @@ def measure_paths(caffe, net, layers, feeds, image_count, spec):
         # (a gap means time spent outside the layers, e.g. thread pools fighting).
         for index, name in enumerate(net._layer_names):
             measured["layer_times_ms"][name].append(timed_ms(lambda: net._forward(index, index)))
+        measured["solo_regions"] += solo_regions(caffe) - solo_before
         progress("round", path, i)
     if auto_path in results:  # a re-plan that calibrated during the rounds was timed with them
         after = caffe.auto_choices()
