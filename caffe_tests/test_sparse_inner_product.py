@@ -239,10 +239,15 @@ def test_selection_by_environment(caffe_python_path, tmp_path):
 @pytest.mark.parametrize("path", ["sparse", "auto"])
 def test_caffe_inner_product_gtests_on_the_sparse_path(monkeypatch, path):
     """Caffe's own InnerProduct suite (float and double, transpose, axis) with every layer forced
-    onto the sparse path (or auto) through the environment."""
+    onto the sparse path (or auto) through the environment. Under auto, TestForwardTranspose is
+    left out: auto sends its dense-weight layers to dense, and that test wants the GEMM of the
+    weights and of their transpose to agree to the last bit, which OpenBLAS's do not always do
+    (dense forced: 1-4 failures in 80 runs on an AVX-512 Xeon, one thread or two; the sparse path
+    runs both layers through one kernel and always agrees)."""
     monkeypatch.setenv("SPARSE_CAFFE_FC_PATH", path)
-    cases, output = run_gtests(_build(), "InnerProductLayerTest*-*GPU*")
-    assert len(cases) >= 18, output[-2000:]  # 9 cases x float, double
+    skip = ":*TestForwardTranspose" if path == "auto" else ""
+    cases, output = run_gtests(_build(), f"InnerProductLayerTest*-*GPU*{skip}")
+    assert len(cases) >= (16 if skip else 18), output[-2000:]  # 9 cases (8) x float, double
     failed = [f"{c.suite}.{c.name}: {c.message}" for c in cases if not c.passed]
     assert not failed, "\n".join(failed)
 
