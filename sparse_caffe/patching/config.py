@@ -250,6 +250,7 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "src/caffe/util/conv_profile.cpp",
             "include/caffe/util/omp_team.hpp",
             "src/caffe/util/omp_team.cpp",
+            "include/caffe/util/activation_layout.hpp",
             "include/caffe/util/sparse_conv.hpp",
             "src/caffe/util/sparse_conv.cpp",
             "include/caffe/layers/base_conv_layer.hpp",
@@ -438,6 +439,29 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "src/caffe/util/onednn_conv.cpp",
             "include/caffe/util/auto_path.hpp",
             "src/caffe/util/auto_path.cpp",
+            "include/caffe/layers/base_conv_layer.hpp",
+            "src/caffe/layers/base_conv_layer.cpp",
+            "src/caffe/layers/conv_layer.cpp",
+            "src/caffe/test/test_convolution_layer.cpp",
+        ),
+    ),
+    PatchSpec(
+        13, "direct-hand-over",
+        "direct hands its output to a onednn consumer in the consumer's own layout. A onednn\n"
+        "layer whose primitive reads a layout with a pixel's channels side by side (nChw16c,\n"
+        "channels last) asks its producer for it, for the next forward under the same paths\n"
+        "(SyncedMemory::want_layout, asked again each forward); a direct producer then writes its\n"
+        "output so into a buffer of its own (each strip's outputs gathered in a tile, written out\n"
+        "pixel by pixel), leaves the copy into NCHW pending with the top blob (as onednn's\n"
+        "hand-over does) and the onednn consumer takes the buffer as its input: no reorder. A\n"
+        "request is forgotten when a reader makes the pending write into NCHW. Counted as a\n"
+        "handed-over input in the consumer's profile; one top and no fused residual only.\n"
+        "Caffe's convolution gtest checks direct's output in a blocked and a channels-last\n"
+        "layout, and its NCHW copy, in float and double.",
+        (
+            "include/caffe/syncedmem.hpp",
+            "src/caffe/syncedmem.cpp",
+            "src/caffe/util/onednn_conv.cpp",
             "include/caffe/layers/base_conv_layer.hpp",
             "src/caffe/layers/base_conv_layer.cpp",
             "src/caffe/layers/conv_layer.cpp",

@@ -1,0 +1,218 @@
+"""direct hands its output to a onednn consumer in the consumer's own layout (patch 13).
+
+A onednn layer whose primitive reads a layout with a pixel's channels side by side (channels last
+or blocked, as oneDNN picks) asks its producer for that layout, for the next forward; a direct
+producer then writes its output so, leaving the copy into NCHW pending with the top blob, and the
+consumer takes it without a reorder. Every blob must equal the dense chain's, whoever reads it and
+when; a reader of the NCHW copy, or a change of the paths in force, ends the hand-over.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .test_forward_paths import paths  # noqa: F401 - paths is a fixture
+
+SHAPE = (2, 32, 10, 9)
+CONVS = ("a", "c", "f")
+HANDED = dict(a="onednn", c="direct", f="onednn")
+
+
+def chain(caffe):
+    """a (1x1, ReLU) -> c (3x3 pad 1, 80% zero weights, ReLU) -> f (1x1) -> pool: ResNet's
+    branch2a -> branch2b -> branch2c, whose middle layer runs direct under auto."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=list(SHAPE)))
+    n.a = L.Convolution(n.data, num_output=64, kernel_size=1, fused_relu=True)
+    n.c = L.Convolution(n.a, num_output=64, kernel_size=3, pad=1, fused_relu=True)
+    n.f = L.Convolution(n.c, num_output=32, kernel_size=1)
+    n.pool = L.Pooling(n.f, pool=caffe.params.Pooling.MAX, kernel_size=2, stride=2)
+    return n
+
+
+def load(net, seed=0):
+    rng = np.random.default_rng(seed)
+    for name in CONVS:
+        for blob in net.params[name]:
+            blob.data[...] = rng.standard_normal(blob.data.shape) / np.sqrt(blob.data[0].size)
+    weights = net.params["c"][0].data
+    weights[rng.random(weights.shape) < 0.8] = 0
+    net.blobs["data"].data[...] = rng.standard_normal(SHAPE)
+
+
+def use(caffe, plan):
+    caffe.clear_conv_forward_paths()
+    for name in CONVS:
+        caffe.set_conv_forward_path(plan.get(name, "dense"), name)
+
+
+def blobs(net, order=("pool", "f", "c", "a")):
+    return {name: net.blobs[name].data.copy() for name in order}
+
+
+def assert_same(got, want):
+    for name in want:
+        scale = max(1.0, float(np.abs(want[name]).max()))
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * scale,
+                                   err_msg=name)
+
+
+def handed_over(caffe, net):
+    """One forward's inputs taken without a reorder, per convolution (profiling on)."""
+    caffe.reset_conv_profile()
+    net.forward()
+    return {name: entry["inputs_handed_over"] for name, entry in caffe.conv_profile().items()}
+
+
+def onednn_or_skip(caffe):
+    if not caffe.onednn_version():
+        pytest.skip("this build has no oneDNN")
+
+
+@pytest.mark.parametrize("order", [("pool", "f", "c", "a"), ("a", "c", "f", "pool")],
+                         ids=["last-first", "first-first"])
+def test_every_blob_equals_dense_when_direct_hands_over(caffe, make_net, paths,  # noqa: F811
+                                                        order):
+    onednn_or_skip(caffe)
+    net = make_net(chain(caffe))
+    load(net)
+    use(caffe, {})
+    net.forward()
+    dense = blobs(net, order)
+    use(caffe, HANDED)
+    for _ in range(3):  # the first forward asks, the next ones hand over, nobody reads between
+        net.forward()
+    assert_same(blobs(net, order), dense)  # reading c makes its pending copy into NCHW
+    load(net, seed=1)  # new weights and input: c drops what it left pending
+    use(caffe, {})
+    net.forward()
+    dense = blobs(net, order)
+    use(caffe, HANDED)
+    for _ in range(3):
+        net.forward()
+    assert_same(blobs(net, order), dense)
+
+
+def test_the_onednn_consumer_takes_directs_output_without_a_reorder(caffe, make_net,
+                                                                    paths, profiling):  # noqa: F811
+    onednn_or_skip(caffe)
+    net = make_net(chain(caffe))
+    load(net)
+    use(caffe, HANDED)
+    batch = SHAPE[0]
+    assert handed_over(caffe, net)["f"] == 0  # f asks for its layout
+    for forward in range(3):
+        assert handed_over(caffe, net)["f"] == batch, forward
+    # Someone reads c's NCHW copy: the request is forgotten, c writes NCHW once, f asks again.
+    net.blobs["c"].data.copy()
+    assert handed_over(caffe, net)["f"] == 0
+    assert handed_over(caffe, net)["f"] == batch
+    # f on another path stops asking: c writes NCHW from the next forward on, and f back on
+    # onednn gets its layout only after asking again (a request belongs to the paths it was made
+    # under).
+    caffe.set_conv_forward_path("dense", "f")
+    net.forward()
+    caffe.set_conv_forward_path("onednn", "f")
+    assert handed_over(caffe, net)["f"] == 0
+    assert handed_over(caffe, net)["f"] == batch
+
+
+@pytest.mark.parametrize("batches", [(2, 1, 3)], ids=["shrink-grow"])
+def test_reshapes_between_forwards_keep_every_blob_right(caffe, make_net, paths,  # noqa: F811
+                                                         batches):
+    # A request made for the old batch does not fit the new shape: c writes NCHW once.
+    onednn_or_skip(caffe)
+    net = make_net(chain(caffe))
+    load(net)
+    rng = np.random.default_rng(5)
+    for batch in batches:
+        net.blobs["data"].reshape(batch, *SHAPE[1:])
+        net.reshape()
+        net.blobs["data"].data[...] = rng.standard_normal((batch, *SHAPE[1:]))
+        use(caffe, {})
+        net.forward()
+        dense = blobs(net)
+        use(caffe, HANDED)
+        for _ in range(2):
+            net.forward()
+        assert_same(blobs(net), dense)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_non_finite_input_still_gives_denses_output(caffe, make_net, paths, bad):  # noqa: F811
+    # c sees the NaN and runs dense into NCHW, after a forward in which f asked for its layout.
+    onednn_or_skip(caffe)
+    net = make_net(chain(caffe))
+    load(net)
+    use(caffe, HANDED)
+    net.forward()
+    net.blobs["data"].data[0, 3, 4, 5] = bad
+    use(caffe, {})
+    net.forward()
+    dense = blobs(net)
+    use(caffe, HANDED)
+    net.forward()
+    net.blobs["data"].data[0, 3, 4, 5] = bad
+    net.forward()
+    got = blobs(net)
+    for name in dense:
+        np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(dense[name]), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got[name]), np.isinf(dense[name]), err_msg=name)
+        finite = np.isfinite(dense[name])
+        assert_same({name: got[name][finite]}, {name: dense[name][finite]})
+
+
+# In a fresh process, since oneDNN reads DNNL_MAX_CPU_ISA once: the chain handed over against
+# dense, and how many images f took without a reorder in its third forward.
+UNDER_ISA = """
+import json, tempfile
+from pathlib import Path
+import numpy as np
+import caffe
+from caffe_tests.test_direct_hand_over import HANDED, blobs, chain, load, use
+caffe.set_mode_cpu()
+with tempfile.TemporaryDirectory() as tmp:
+    path = Path(tmp) / "net.prototxt"
+    path.write_text(str(chain(caffe).to_proto()))
+    net = caffe.Net(str(path), caffe.TEST)
+    load(net)
+    use(caffe, {})
+    net.forward()
+    dense = blobs(net)
+    use(caffe, HANDED)
+    caffe.set_conv_profiling(True)
+    for _ in range(3):
+        caffe.reset_conv_profile()
+        net.forward()
+    caffe.set_conv_profiling(False)
+    handed = caffe.conv_profile()["f"]["inputs_handed_over"]
+    got = blobs(net)
+    worst = max(float(np.abs(got[k] - dense[k]).max()) / max(1.0, float(np.abs(dense[k]).max()))
+                for k in dense)
+print(json.dumps({"handed_over": handed, "worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("isa", [None, "AVX2"], ids=["onednn-pick", "avx2-blocked"])
+def test_direct_writes_either_layout_onednn_picks(caffe, caffe_python_path, isa):
+    """On AVX-512 oneDNN 2.6 reads these 1x1 convolutions' inputs channels last; capped at AVX2
+    (DNNL_MAX_CPU_ISA), blocked by 8 channels: direct writes each."""
+    onednn_or_skip(caffe)
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=os.pathsep.join(
+        [str(caffe_python_path), str(Path(__file__).resolve().parents[1])]))
+    env.pop("DNNL_MAX_CPU_ISA", None)
+    if isa:
+        env["DNNL_MAX_CPU_ISA"] = isa
+    done = subprocess.run([sys.executable, "-c", UNDER_ISA], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["worst"] < 1e-4
+    assert result["handed_over"] == SHAPE[0]
