@@ -1,10 +1,11 @@
-"""direct hands its output to a onednn consumer in the consumer's own layout (patch 13).
+"""direct hands its output over in its consumer's own layout (patch 13).
 
 A onednn layer whose primitive reads a layout with a pixel's channels side by side (channels last
-or blocked, as oneDNN picks) asks its producer for that layout, for the next forward; a direct
-producer then writes its output so, leaving the copy into NCHW pending with the top blob, and the
-consumer takes it without a reorder. Every blob must equal the dense chain's, whoever reads it and
-when; a reader of the NCHW copy, or a change of the paths in force, ends the hand-over.
+or blocked, as oneDNN picks), or a direct layer (its zero-padded input), asks its producer for that
+layout, for the next forward; a direct producer then writes its output so, leaving the copy into
+NCHW pending with the top blob, and the consumer takes it without a reorder or a padding copy.
+Every blob must equal the dense chain's, whoever reads it and when; a reader of the NCHW copy, or
+a change of the paths in force, ends the hand-over.
 """
 from __future__ import annotations
 
@@ -162,6 +163,86 @@ def test_a_non_finite_input_still_gives_denses_output(caffe, make_net, paths, ba
     net.blobs["data"].data[0, 3, 4, 5] = bad
     net.forward()
     got = blobs(net)
+    for name in dense:
+        np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(dense[name]), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got[name]), np.isinf(dense[name]), err_msg=name)
+        finite = np.isfinite(dense[name])
+        assert_same({name: got[name][finite]}, {name: dense[name][finite]})
+
+
+DIRECT_CONVS = ("p", "q", "r", "t")
+
+
+def direct_chain(caffe):
+    """p -> q (groups 2) -> r (dilation 2) -> t (stride 2), 3x3 convolutions with ReLU: q and r
+    read their producer's padded output; t's input (two phases) is not one buffer, so r writes
+    NCHW for it."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=list(SHAPE)))
+    n.p = L.Convolution(n.data, num_output=32, kernel_size=3, pad=1, fused_relu=True)
+    n.q = L.Convolution(n.p, num_output=32, kernel_size=3, pad=1, group=2, fused_relu=True)
+    n.r = L.Convolution(n.q, num_output=24, kernel_size=3, pad=2, dilation=2, fused_relu=True)
+    n.t = L.Convolution(n.r, num_output=16, kernel_size=3, pad=1, stride=2, fused_relu=True)
+    return n
+
+
+def load_direct(net, seed=0):
+    rng = np.random.default_rng(seed)
+    for name in DIRECT_CONVS:
+        for blob in net.params[name]:
+            blob.data[...] = rng.standard_normal(blob.data.shape) / np.sqrt(blob.data[0].size)
+        weights = net.params[name][0].data
+        weights[rng.random(weights.shape) < 0.7] = 0
+    net.blobs["data"].data[...] = rng.standard_normal(SHAPE)
+
+
+def use_direct(caffe, on):
+    caffe.clear_conv_forward_paths()
+    for name in DIRECT_CONVS:
+        caffe.set_conv_forward_path("direct" if on else "dense", name)
+
+
+@pytest.mark.parametrize("order", [("t", "r", "q", "p"), ("p", "q", "r", "t")],
+                         ids=["last-first", "first-first"])
+def test_a_direct_chain_hands_over_its_padded_inputs(caffe, make_net, paths, profiling,  # noqa: F811
+                                                     order):
+    net = make_net(direct_chain(caffe))
+    batch = SHAPE[0]
+    for seed in (0, 1):  # the second time, every producer drops what it left pending
+        load_direct(net, seed)
+        use_direct(caffe, False)
+        net.forward()
+        dense = blobs(net, order)
+        use_direct(caffe, True)
+        counts = [handed_over(caffe, net) for _ in range(3)]
+        assert [c["q"] for c in counts] == [0, batch, batch]  # asked, then taken
+        assert [c["r"] for c in counts] == [0, batch, batch]
+        assert [c["t"] for c in counts] == [0, 0, 0]  # stride 2: never asks
+        assert_same(blobs(net, order), dense)
+
+
+def test_an_infinity_in_a_handed_over_padded_input_gives_denses_output(caffe, make_net,
+                                                                       paths):  # noqa: F811
+    # p (no ReLU here) overflows to infinity from finite inputs and weights, and hands its
+    # output to q as q's padded input: q must find the infinity there and run dense, whatever
+    # dense's GEMM makes of it, and r and t after it see what they see after dense.
+    L = caffe.layers
+    n = direct_chain(caffe)
+    n.p = L.Convolution(n.data, num_output=32, kernel_size=3, pad=1)
+    net = make_net(n)
+    load_direct(net)
+    net.params["p"][0].data[0, 0, 1, 1] = 3e38
+    net.blobs["data"].data[0, 0, 4, 5] = 10.0
+    order = ("t", "r", "q", "p")
+    use_direct(caffe, False)
+    net.forward()
+    dense = blobs(net, order)
+    assert np.isinf(dense["p"]).any()
+    use_direct(caffe, True)
+    for _ in range(3):
+        net.forward()
+    got = blobs(net, order)
     for name in dense:
         np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(dense[name]), err_msg=name)
         np.testing.assert_array_equal(np.isinf(got[name]), np.isinf(dense[name]), err_msg=name)

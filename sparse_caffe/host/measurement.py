@@ -120,18 +120,23 @@ def layer_table(record: dict) -> str:
              f"useful multiply-adds at {probe['macs_per_second'] / 1e9:.1f} G/s (measured GEMM "
              f"rate), {limit['bytes'] / 1e6:.2f} MB at {probe['bytes_per_second'] / 1e9:.1f} GB/s "
              "(measured copy bandwidth))"]
-    width = max(len(r["path"]) for r in results) + 2
+    def name(r):
+        return f"{r['path']} ({r['input']})" if r.get("input") else r["path"]
+
+    width = max(len(name(r)) for r in results) + 2
     lines.append(f"{'path':<{width}}{'backend':<9}{'median ms':>10}{'min ms':>9}{'vs dense':>10}"
                  f"{'input prep':>11}{'prep %':>8}{'multiply':>10}{'t_min/t':>9}"
                  f"{'max rel diff':>14}")
     for r in results:
         flag = "  <-- DIFFERS FROM DENSE" if r["max_rel_diff"] > AGREEMENT_TOLERANCE else ""
         prep = r["phase_ms"].get("input2csr", 0) + r["phase_ms"].get("im2col", 0)
-        lines.append(f"{r['path']:<{width}}{r['backend']:<9}{r['median_ms']:>10.3f}"
+        lines.append(f"{name(r):<{width}}{r['backend']:<9}{r['median_ms']:>10.3f}"
                      f"{min(r['forward_ms']):>9.3f}{r['speedup_vs_dense']:>9.2f}x{prep:>11.3f}"
                      f"{prep / r['median_ms']:>8.0%}{r['phase_ms'].get('multiply', 0):>10.3f}"
                      f"{r['limit_fraction']:>9.2f}{r['max_rel_diff']:>14.1e}{flag}")
     lines.append("input prep: im2col + input2csr (direct: the padded copy); t_min/t: share of the "
                  "limit reached; paths timed in interleaved rounds, each a profiled forward then "
-                 "an unprofiled (timed) one")
+                 "an unprofiled (timed) one; (handed over): the input written into the layer's "
+                 "padded layout by its producer, an identity 1x1 convolution on direct (timed: "
+                 "the layer alone)")
     return "\n".join(lines)

@@ -43,13 +43,22 @@ SHAPES = {
 }
 
 
-def synthetic_layer(caffe, shape: dict, weight_zeros: float, input_zeros: float, seed: int, tmp):
+def synthetic_layer(caffe, shape: dict, weight_zeros: float, input_zeros: float, seed: int, tmp,
+                    fed: bool = False):
+    """The layer `conv` on a seeded synthetic input; with `fed`, the input reaches it through
+    `feed`, a 1x1 convolution whose weights are the identity (so conv's input is the same), for
+    a producer that can hand its output over (see handed_over_chain)."""
     L = caffe.layers
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[shape["batch"], shape["channels"], shape["size"], shape["size"]]))
-    n.conv = L.Convolution(n.data, num_output=shape["num_output"], kernel_size=shape["kernel"],
+    below = n.data
+    if fed:
+        n.feed = L.Convolution(n.data, num_output=shape["channels"], kernel_size=1,
+                               bias_term=False)
+        below = n.feed
+    n.conv = L.Convolution(below, num_output=shape["num_output"], kernel_size=shape["kernel"],
                            pad=shape["pad"], stride=shape["stride"], bias_term=False)
-    path = f"{tmp}/layer.prototxt"
+    path = f"{tmp}/layer{'-fed' if fed else ''}.prototxt"
     with open(path, "w") as f:
         f.write(str(n.to_proto()))
     net = caffe.Net(path, caffe.TEST)
@@ -60,43 +69,69 @@ def synthetic_layer(caffe, shape: dict, weight_zeros: float, input_zeros: float,
     x = rng.standard_normal(net.blobs["data"].data.shape).astype(np.float32)
     x[x < np.quantile(x, input_zeros)] = 0.0  # ReLU-like: the smallest values become zeros
     net.blobs["data"].data[...] = x
+    if fed:
+        identity = np.eye(shape["channels"], dtype=np.float32)
+        net.params["feed"][0].data[...] = identity.reshape(net.params["feed"][0].data.shape)
     return net, w, net.blobs["data"].data.copy()
 
 
-def measure_all(caffe, net, candidates, warmup: int, repeats: int, dense_out):
-    """Time every (path, backend) of `candidates` side by side: warm-up forwards each, then
-    `repeats` of measure's rotated rounds (measure.rotated_rounds, as a net's paths), in which
-    every candidate runs one profiled forward (the phase breakdown) and then one unprofiled
-    forward (the time), as measure.measure_paths does per path. Returns one record per candidate,
-    in order, and the first candidate's profile (the layer's counters)."""
-    def use(path, backend):
+# A candidate timed with its input handed over by its producer (the identity `feed` on direct,
+# which writes conv's padded input itself): only conv's own time and phases count.
+HANDED_OVER = "handed over"
+
+
+def measure_all(caffe, net, candidates, warmup: int, repeats: int, dense_out, fed_net=None):
+    """Time every (path, backend[, HANDED_OVER]) of `candidates` side by side: warm-up forwards
+    each, then `repeats` of measure's rotated rounds (measure.rotated_rounds, as a net's paths),
+    in which every candidate runs one profiled forward (the phase breakdown) and then one
+    unprofiled forward (the time), as measure.measure_paths does per path. A HANDED_OVER one
+    runs in `fed_net`, `feed` on direct: after one forward in which conv asks feed for its
+    layout, its profiled forward is the whole net's (feed hands conv its input), its timed one
+    conv's alone (on the input feed left it). Returns one record
+    per candidate, in order, and the first candidate's profile (the layer's counters)."""
+    conv_index = list(fed_net._layer_names).index("conv") if fed_net is not None else None
+
+    def use(path, backend, *how):
         caffe.set_conv_forward_path(path, "conv")
         caffe.set_conv_sparse_backend(backend, "conv")
+        if how:
+            caffe.set_conv_forward_path("direct", "feed")
+        return fed_net if how else net
+
+    def timed(candidate, chain):
+        if chain is net:
+            return timed_ms(net.forward)
+        return timed_ms(lambda: chain._forward(conv_index, conv_index))
 
     times = {c: [] for c in candidates}
     phases = {c: {} for c in candidates}
     for candidate in candidates:  # warm-up forwards: caches, CSR of the weights, thread pools
-        use(*candidate)
+        chain = use(*candidate)
         for _ in range(warmup):
-            net.forward()
+            chain.forward()
     counters = {}
     for _, _, candidate in rotated_rounds(candidates, repeats):
-        use(*candidate)
-        profile = profiled_forward(caffe, net.forward)["conv"]
+        chain = use(*candidate)
+        if chain is not net:  # conv asks feed for its layout under the paths now in force
+            chain.forward()
+        profile = profiled_forward(caffe, chain.forward)["conv"]
         counters[candidate] = profile
         for phase, seconds in profile["seconds"].items():
             phases[candidate].setdefault(phase, []).append(seconds * 1e3)
-        times[candidate].append(timed_ms(net.forward))
+        times[candidate].append(timed(candidate, chain))
     results = []
     for candidate in candidates:
-        use(*candidate)
-        net.forward()
+        chain = use(*candidate)
+        chain.forward()
         forward_ms = times[candidate]
-        results.append({"path": candidate[0], "backend": candidate[1], "forward_ms": forward_ms,
-                        "phase_ms": {k: statistics.median(v)
-                                     for k, v in phases[candidate].items()},
-                        "max_rel_diff": relative_difference(net.blobs["conv"].data, dense_out),
-                        "median_ms": statistics.median(forward_ms)})
+        record = {"path": candidate[0], "backend": candidate[1], "forward_ms": forward_ms,
+                  "phase_ms": {k: statistics.median(v) for k, v in phases[candidate].items()},
+                  "max_rel_diff": relative_difference(chain.blobs["conv"].data, dense_out),
+                  "median_ms": statistics.median(forward_ms)}
+        if len(candidate) > 2:
+            record.update(input=candidate[2],
+                          inputs_handed_over=counters[candidate]["inputs_handed_over"])
+        results.append(record)
     return results, counters[candidates[0]]
 
 
@@ -117,8 +152,16 @@ def run(spec: protocol.RunSpec, folder: str, caffe) -> protocol.RawResult:
                 if path in CONV_TEMPLATE_CONFIG.backend_independent and backend != "openmp":
                     continue  # these ignore the sparse back end: timed once
                 candidates.append((path, backend))
+        # direct once more, its input handed over by its producer (written into its padded
+        # layout: the input preparation a net's direct layer after another one has)
+        fed_net = None
+        if ("direct", "openmp") in candidates:
+            fed_net = synthetic_layer(caffe, shape, spec.weight_zeros, spec.input_zeros,
+                                      spec.seed, tmp, fed=True)[0]
+            fed_net.params["conv"][0].data[...] = w
+            candidates.append(("direct", "openmp", HANDED_OVER))
         results, profile = measure_all(caffe, net, candidates, spec.warmup, spec.repeats,
-                                       dense_out)
+                                       dense_out, fed_net)
         caffe.clear_conv_forward_paths()
         probe = probe_machine(caffe)
         limit = lower_bound(profile["useful_macs"], profile["weight_nonzeros"],

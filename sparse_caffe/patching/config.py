@@ -447,17 +447,19 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
     ),
     PatchSpec(
         13, "direct-hand-over",
-        "direct hands its output to a onednn consumer in the consumer's own layout. A onednn\n"
-        "layer whose primitive reads a layout with a pixel's channels side by side (nChw16c,\n"
-        "channels last) asks its producer for it, for the next forward under the same paths\n"
-        "(SyncedMemory::want_layout, asked again each forward); a direct producer then writes its\n"
-        "output so into a buffer of its own (each strip's outputs gathered in a tile, written out\n"
-        "pixel by pixel), leaves the copy into NCHW pending with the top blob (as onednn's\n"
-        "hand-over does) and the onednn consumer takes the buffer as its input: no reorder. A\n"
-        "request is forgotten when a reader makes the pending write into NCHW. Counted as a\n"
-        "handed-over input in the consumer's profile; one top and no fused residual only.\n"
-        "Caffe's convolution gtest checks direct's output in a blocked and a channels-last\n"
-        "layout, and its NCHW copy, in float and double.",
+        "direct hands its output over in the layout its consumer reads: a onednn layer's (whose\n"
+        "primitive reads a pixel's channels side by side: nChw16c, channels last) or the next\n"
+        "direct layer's zero-padded input. The consumer asks its producer for its layout each\n"
+        "forward, for the next one under the same paths (SyncedMemory::want_layout); a direct\n"
+        "producer then writes its output so into a buffer of its own (for a onednn consumer each\n"
+        "strip's outputs gathered in a tile and written pixel by pixel; for a direct one into the\n"
+        "padded places, the padding's zeros kept), leaves the copy into NCHW pending with the top\n"
+        "blob (as onednn's hand-over does), and the consumer takes the buffer as its input: no\n"
+        "reorder, no padding copy (direct only checks it for NaN and infinity). A request is\n"
+        "forgotten when a reader makes the pending write into NCHW. Counted as handed-over\n"
+        "inputs in the consumer's profile; one top and no fused residual only. Caffe's\n"
+        "convolution gtest checks direct's output in a blocked and a channels-last layout, and\n"
+        "its NCHW copy, in float and double.",
         (
             "include/caffe/syncedmem.hpp",
             "src/caffe/syncedmem.cpp",
