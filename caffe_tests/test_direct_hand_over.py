@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG
+
 from .test_forward_paths import paths  # noqa: F401 - paths is a fixture
 
 SHAPE = (2, 32, 10, 9)
@@ -248,6 +250,41 @@ def test_an_infinity_in_a_handed_over_padded_input_gives_denses_output(caffe, ma
         np.testing.assert_array_equal(np.isinf(got[name]), np.isinf(dense[name]), err_msg=name)
         finite = np.isfinite(dense[name])
         assert_same({name: got[name][finite]}, {name: dense[name][finite]})
+
+
+def test_while_auto_calibrates_its_onednn_candidate_gets_its_layout(caffe, make_net,
+                                                                     paths, profiling):  # noqa: F811
+    # f calibrates under auto, its candidates taking turns forward by forward: the request of
+    # its onednn candidate must stay with c between its turns, so that onednn is timed taking
+    # c's output as it would in the chain (not reordering it), and every candidate's output is
+    # still right.
+    onednn_or_skip(caffe)
+    caffe.reset_auto()
+    caffe.set_auto_calibration(CONV_TEMPLATE_CONFIG.auto_rounds)
+    try:
+        net = make_net(chain(caffe))
+        load(net)
+        use(caffe, {})
+        net.forward()
+        dense = net.blobs["f"].data.copy()
+        use(caffe, dict(HANDED, f="auto"))
+        onednn_turns = handed = 0
+        for _ in range(200):
+            caffe.reset_conv_profile()
+            net.forward()
+            profile = caffe.conv_profile()["f"]
+            assert_same({"f": net.blobs["f"].data}, {"f": dense})
+            if profile["path"] == "onednn":
+                onednn_turns += 1
+                handed += profile["inputs_handed_over"]
+            if caffe.auto_choices()["f"]["state"] == "decided":
+                break
+        assert caffe.auto_choices()["f"]["state"] == "decided"
+        # every onednn turn but the first (which asks) took c's output as it was
+        assert onednn_turns >= 2 and handed == (onednn_turns - 1) * SHAPE[0]
+    finally:
+        caffe.set_auto_calibration(CONV_TEMPLATE_CONFIG.auto_rounds)
+        caffe.reset_auto()
 
 
 # In a fresh process, since oneDNN reads DNNL_MAX_CPU_ISA once: the chain handed over against

@@ -456,7 +456,10 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         "padded places, the padding's zeros kept), leaves the copy into NCHW pending with the top\n"
         "blob (as onednn's hand-over does), and the consumer takes the buffer as its input: no\n"
         "reorder, no padding copy (direct only checks it for NaN and infinity). A request is\n"
-        "forgotten when a reader makes the pending write into NCHW. Counted as handed-over\n"
+        "forgotten when a reader makes the pending write into NCHW, except while auto\n"
+        "calibrates: then it stays, so the consumer's onednn candidate is timed as in the chain,\n"
+        "and a candidate that makes the pending write has that time left out of its sample\n"
+        "(in the chosen chain its producer would write NCHW). Counted as handed-over\n"
         "inputs in the consumer's profile; one top and no fused residual only. Caffe's\n"
         "convolution gtest checks direct's output in a blocked and a channels-last layout, and\n"
         "its NCHW copy, in float and double.",
@@ -464,6 +467,7 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
             "include/caffe/syncedmem.hpp",
             "src/caffe/syncedmem.cpp",
             "src/caffe/util/onednn_conv.cpp",
+            "include/caffe/util/auto_path.hpp",
             "include/caffe/layers/base_conv_layer.hpp",
             "src/caffe/layers/base_conv_layer.cpp",
             "src/caffe/layers/conv_layer.cpp",
