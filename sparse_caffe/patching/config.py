@@ -458,8 +458,9 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         "reorder, no padding copy (direct only checks it for NaN and infinity). A request is\n"
         "forgotten when a reader makes the pending write into NCHW, except while auto\n"
         "calibrates: then it stays, so the consumer's onednn candidate is timed as in the chain,\n"
-        "and a candidate that makes the pending write has that time left out of its sample\n"
-        "(in the chosen chain its producer would write NCHW). Counted as handed-over\n"
+        "and a candidate that makes direct's pending write has that time left out of its\n"
+        "sample (in the chosen chain direct would write NCHW at no extra cost; a onednn\n"
+        "producer's reorder is charged as before). Counted as handed-over\n"
         "inputs in the consumer's profile; one top and no fused residual only. Caffe's\n"
         "convolution gtest checks direct's output in a blocked and a channels-last layout, and\n"
         "its NCHW copy, in float and double.",
