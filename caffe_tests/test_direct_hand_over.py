@@ -9,18 +9,13 @@ a change of the paths in force, ends the hand-over.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG
 
 from .test_forward_paths import paths  # noqa: F401 - paths is a fixture
+from .test_onednn_hand_over import assert_same, handed_over, run_in_fresh_process
 
 SHAPE = (2, 32, 10, 9)
 CONVS = ("a", "c", "f")
@@ -58,20 +53,6 @@ def use(caffe, plan):
 
 def blobs(net, order=("pool", "f", "c", "a")):
     return {name: net.blobs[name].data.copy() for name in order}
-
-
-def assert_same(got, want):
-    for name in want:
-        scale = max(1.0, float(np.abs(want[name]).max()))
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * scale,
-                                   err_msg=name)
-
-
-def handed_over(caffe, net):
-    """One forward's inputs taken without a reorder, per convolution (profiling on)."""
-    caffe.reset_conv_profile()
-    net.forward()
-    return {name: entry["inputs_handed_over"] for name, entry in caffe.conv_profile().items()}
 
 
 def onednn_or_skip(caffe):
@@ -323,14 +304,6 @@ def test_direct_writes_either_layout_onednn_picks(caffe, caffe_python_path, isa)
     """On AVX-512 oneDNN 2.6 reads these 1x1 convolutions' inputs channels last; capped at AVX2
     (DNNL_MAX_CPU_ISA), blocked by 8 channels: direct writes each."""
     onednn_or_skip(caffe)
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=os.pathsep.join(
-        [str(caffe_python_path), str(Path(__file__).resolve().parents[1])]))
-    env.pop("DNNL_MAX_CPU_ISA", None)
-    if isa:
-        env["DNNL_MAX_CPU_ISA"] = isa
-    done = subprocess.run([sys.executable, "-c", UNDER_ISA], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_in_fresh_process(UNDER_ISA, caffe_python_path, isa)
     assert result["worst"] < 1e-4
     assert result["handed_over"] == SHAPE[0]

@@ -242,6 +242,20 @@ print(json.dumps({"handed_over": handed, "worst": worst}))
 """
 
 
+def run_in_fresh_process(script, caffe_python_path, isa):
+    """The JSON `script` prints last, run in a fresh Python with this build's pycaffe (oneDNN
+    reads DNNL_MAX_CPU_ISA once per process: `isa` caps it, None leaves oneDNN's pick)."""
+    env = dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=os.pathsep.join(
+        [str(caffe_python_path), str(Path(__file__).resolve().parents[1])]))
+    env.pop("DNNL_MAX_CPU_ISA", None)
+    if isa:
+        env["DNNL_MAX_CPU_ISA"] = isa
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("isa", [None, "AVX2"], ids=["onednn-pick", "avx2-blocked"])
 def test_a_strided_consumer_takes_its_input_in_either_layout_onednn_picks(caffe, caffe_python_path,
                                                                           isa):
@@ -251,14 +265,6 @@ def test_a_strided_consumer_takes_its_input_in_either_layout_onednn_picks(caffe,
     checked there; on an AVX2 machine both runs check the blocked one."""
     if not caffe.onednn_version():
         pytest.skip("this build has no oneDNN")
-    env = dict(os.environ, GLOG_minloglevel="2", PYTHONPATH=os.pathsep.join(
-        [str(caffe_python_path), str(Path(__file__).resolve().parents[1])]))
-    env.pop("DNNL_MAX_CPU_ISA", None)
-    if isa:
-        env["DNNL_MAX_CPU_ISA"] = isa
-    done = subprocess.run([sys.executable, "-c", STRIDED_CONSUMER], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_in_fresh_process(STRIDED_CONSUMER, caffe_python_path, isa)
     assert result["worst"] < 1e-4
     assert result["handed_over"] == SHAPE[0]
