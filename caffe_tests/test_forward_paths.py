@@ -548,6 +548,38 @@ def test_direct_input_reshape_rebuilds_its_layout(caffe, make_net, paths):
         np.testing.assert_allclose(got, reference_conv(x, w, b, pad=(1, 1)), rtol=1e-4, atol=1e-4)
 
 
+def test_direct_padding_survives_layers_that_share_its_buffer(caffe, make_net, paths):
+    """direct keeps a scratch buffer per padded layout and, after the first forward into it, copies
+    only the input's elements (the padding's zeros stay): layers of one shape share a buffer, a
+    strided layer (no padded layout) writes its own whole. Inputs without zeros, a NaN forward and
+    a batch reshape between: every output must still equal the reference."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 8, 7, 7]))
+    n.b = L.Convolution(n.data, num_output=8, kernel_size=3, pad=1)
+    n.s = L.Convolution(n.data, num_output=8, kernel_size=3, pad=1, stride=2)
+    n.d = L.Convolution(n.data, num_output=8, kernel_size=3, pad=1, bias_term=False)
+    net = make_net(n)
+    rng = np.random.default_rng(12)
+    for name in ("b", "s", "d"):
+        net.params[name][0].data[...] = sparse_weights(rng, net.params[name][0].data.shape, 0.6)
+        caffe.set_conv_forward_path("direct", name)
+    for shape, poison in [((1, 8, 7, 7), False), ((1, 8, 7, 7), True), ((1, 8, 7, 7), False),
+                          ((2, 8, 7, 7), False), ((1, 8, 7, 7), False)]:
+        net.blobs["data"].reshape(*shape)
+        net.reshape()
+        x = rng.standard_normal(shape).astype(np.float32)  # no zeros: a stale element would show
+        if poison:
+            x[0, 3, 2, 5] = np.nan
+        net.blobs["data"].data[...] = x
+        net.forward()
+        for name, stride in (("b", 1), ("s", 2), ("d", 1)):
+            blobs = net.params[name]
+            want = reference_conv(x, blobs[0].data, blobs[1].data if len(blobs) > 1 else None,
+                                  pad=(1, 1), stride=(stride, stride))
+            np.testing.assert_allclose(net.blobs[name].data, want, rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{name} {shape} nan={poison}")
+
 DIRECT_ISA_SCRIPT = """
 import sys, zlib
 import numpy as np
