@@ -14,7 +14,7 @@ import pytest
 
 from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG
 
-from .test_forward_paths import paths  # noqa: F401 - paths is a fixture
+from .test_forward_paths import MAX_AUTO_FORWARDS, paths  # noqa: F401 - paths is a fixture
 from .test_onednn_hand_over import assert_same, handed_over, run_in_fresh_process
 
 SHAPE = (2, 32, 10, 9)
@@ -307,3 +307,24 @@ def test_direct_writes_either_layout_onednn_picks(caffe, caffe_python_path, isa)
     result = run_in_fresh_process(UNDER_ISA, caffe_python_path, isa)
     assert result["worst"] < 1e-4
     assert result["handed_over"] == SHAPE[0]
+
+
+@pytest.mark.parametrize("producer", ["onednn", "direct"])
+def test_auto_counts_a_handed_over_input_where_it_lies(caffe, make_net, paths,  # noqa: F811
+                                                       producer):
+    """auto's density check on an input still pending in its producer's layout counts it in
+    that layout (oneDNN's blocked buffer; direct's laid-out one, whose padding is zero) without
+    making a copy: the fraction it calibrated on must be the input's true nonzero fraction."""
+    onednn_or_skip(caffe)
+    net = make_net(chain(caffe))
+    load(net)
+    use(caffe, dict(a=producer, c="auto", f="onednn"))
+    for _ in range(MAX_AUTO_FORWARDS):
+        net.forward()
+        if caffe.auto_choices()["c"]["state"] == "decided":
+            break
+    choice = caffe.auto_choices()["c"]
+    assert choice["state"] == "decided"
+    a = net.blobs["a"].data
+    assert 0.2 < np.count_nonzero(a) / a.size < 0.8  # the ReLU left zeros to count
+    assert choice["input_density"] == pytest.approx(np.count_nonzero(a) / a.size, abs=1e-9)
