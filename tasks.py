@@ -192,8 +192,8 @@ def bench_layer(c, blas="openblas", shape="res5_branch2b", threads=0, weight_zer
                        "PyTorch's CPU convolution, and the whole net in PyTorch (eager and "
                        "torch.compile, contiguous and channels_last) and in ONNX Runtime, timed "
                        "beside dense and the plan (installs torch 2.13.0 the first time)",
-            "docker": "time it in a container of the image ./inv build --docker made (the run is "
-                      "still prepared with the native build)"})
+            "docker": "run it in a container of the image ./inv build --docker made (weights, "
+                      "images and net prepared there too: no native build needed)"})
 @user_errors
 def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="openmp",
           blas="openblas", batch=1, threads=0, images=None, repeats=20, warmup=3, layers=None,
@@ -207,11 +207,11 @@ def bench(c, net, weights="auto", paths=",".join(bench_stage.PATHS), backend="op
     bench_stage.results_folder()  # writable, before anything is built
     if not docker:
         bench_stage.check_backend_blas(backend, blas)
-    # With --docker: the image first (no engine, no image: one line, nothing built); the native
-    # build then only prepares the run, so its BLAS does not matter.
-    image = bench_stage.docker_image(options, BuildOptions(blas=blas)) if docker else None
-    result = build_stage.build(BuildOptions(blas="openblas" if docker else blas))
-    print(bench_stage.run_benchmark(result, options, image=image))
+    if docker:  # the image (no engine, no image: one line); the container does the rest
+        image = bench_stage.docker_image(options, BuildOptions(blas=blas))
+        print(bench_stage.run_benchmark(None, options, image=image))
+        return
+    print(bench_stage.run_benchmark(build_stage.build(BuildOptions(blas=blas)), options))
 
 
 @task(help={"net": "caffenet, resnet50 or resnet50-1by2 (with --check: the plan's)",

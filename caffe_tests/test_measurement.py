@@ -1,8 +1,10 @@
 """The one measurement entry point (sparse_caffe.host.measurement) against the build: bench-layer
 through the real command, and the Docker route's container side run natively: the container's
 own command line (docker_route.container_command) run with this build's pycaffe on the run
-folder the host prepared, first alone, then under `bench --docker`'s host side end to end, with a
-stand-in engine that runs it natively instead of in a container (no Docker engine here)."""
+folder the host wrote (its "net" RunSpec: the container prepares the run itself, into the
+image's own cache), first alone, then under `bench --docker`'s host side end to end (no native
+build passed), with a stand-in engine that runs it natively instead of in a container (no Docker
+engine here)."""
 from __future__ import annotations
 
 import json
@@ -53,21 +55,32 @@ def test_bench_layer_through_the_real_command(tmp_path):
 
 class NativeEngine:
     """A stand-in Docker engine with no Docker: a created container runs its command natively
-    with the build's pycaffe, the mounted folder and the image's record mapped to host paths."""
+    with the build's pycaffe. The mounts' effect is reproduced by naming the host folders: the
+    command's run folder and image record, and the container paths in the run folder's spec.json
+    (the run folder's and the cache's) become the host folders mounted there."""
 
     def __init__(self, build: Build, image_info: Path):
-        self.build, self.image_info, self.commands = build, image_info, []
+        self.build, self.image_info, self.commands, self.specs = build, image_info, [], []
         self.containers = self
 
     def create(self, image, command, volumes, environment, **kwargs):
-        (host_folder, mount), = volumes.items()
-        assert mount["mode"] == "rw" and kwargs["user"] == f"{os.getuid()}:{os.getgid()}"
+        host = {mount["bind"]: folder for folder, mount in volumes.items()}
+        assert set(host) == {docker_route.CONTAINER_RUN_DIR, docker_route.CONTAINER_CACHE_DIR}
+        assert all(mount["mode"] == "rw" for mount in volumes.values())
+        assert kwargs["user"] == f"{os.getuid()}:{os.getgid()}"
         assert command == docker_route.container_command()
         native = [sys.executable if word == "python3" else
-                  host_folder if word == mount["bind"] else
+                  host.get(word, word) if word in host else
                   str(self.image_info) if word == docker_route.IMAGE_INFO else word
                   for word in command]
         self.commands.append(native)
+        spec_file = Path(host[docker_route.CONTAINER_RUN_DIR]) / protocol.SPEC_FILE
+        spec = RunSpec.read(spec_file)
+        self.specs.append(spec)
+        text = spec_file.read_text()
+        for inside, outside in host.items():
+            text = text.replace(json.dumps(inside)[:-1], json.dumps(outside)[:-1])
+        spec_file.write_text(text)
         env = {**self.build.env(), **environment}
         env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
 
@@ -88,64 +101,68 @@ class NativeEngine:
         return Container()
 
 
-def small_options(**more) -> bench.BenchOptions:
-    return bench.BenchOptions(net="caffenet", weights="synthetic", paths=("dense", "direct"),
-                              layers="conv[35]", repeats=2, warmup=0, images="2", threads=1,
-                              **more)
+def small_options(**changes) -> bench.BenchOptions:
+    return bench.BenchOptions(**{"net": "caffenet", "weights": "synthetic",
+                                 "paths": ("dense", "direct"), "layers": "conv[35]", "repeats": 2,
+                                 "warmup": 0, "images": "2", "threads": 1, **changes})
 
 
 IMAGE = docker_route.Image(tag="sparse-caffe:native", id="sha256:" + "2" * 64, repo_digests=(),
                            blas="openblas")
 
 
-def test_the_container_command_measures_a_prepared_folder_natively(build, tmp_path):
+@pytest.fixture(scope="module")
+def image_cache(tmp_path_factory) -> Path:
+    """One cache folder for the module's containers, as an image keeps its own between runs
+    (the synthetic model is built once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_the_container_command_prepares_and_measures_natively(build, tmp_path, image_cache):
+    """The container gets the native run's RunSpec (its cache its own) and builds the synthetic
+    model, images and net itself; the host prepared nothing."""
     info = tmp_path / "image.json"
     info.write_text(json.dumps(IMAGE_RECORD))
     engine = NativeEngine(build, info)
-    executor = docker_route.ContainerExecutor(IMAGE, 1, measurement.LocalExecutor(build, 1),
-                                              engine)
+    cache = docker_route.container_cache(IMAGE).relative_to(docker_route.cache_dir())
+    executor = docker_route.ContainerExecutor(IMAGE, 1, engine, cache=image_cache / cache)
     spec = small_options().run_spec(1)
     raw = measurement.measure(spec, executor, tmp_path / "run")
     assert isinstance(raw, RawResult) and raw.kind == "net" and raw.layers == ("conv3", "conv5")
     assert set(raw.paths) == {"dense", "direct"} and raw.weights.kind == "synthetic"
+    assert Path(raw.weights.path).is_relative_to(image_cache / cache / "synthetic")
     assert raw.environment["image"] == IMAGE_RECORD and raw.environment["numpy"]
-    prepared = RunSpec.read(tmp_path / "run" / protocol.SPEC_FILE)
-    assert prepared == spec.replace(kind="prepared", layer_names=["conv3", "conv5"],
-                                    weights_info=raw.weights, images_info=raw.images)
+    assert engine.specs == [spec.replace(cache_dir=docker_route.CONTAINER_CACHE_DIR)]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["raw.json", "spec.json"]
     assert len(engine.commands) == 1
     assert engine.commands[0][1:3] == ["-m", "sparse_caffe.inside.child"]
 
 
-def test_the_container_side_reports_a_user_error_one_way(build, tmp_path):
-    """The container's command on a prepared folder whose layers the net lacks: its error record,
-    exit 2, and the host's one line."""
+def test_the_container_side_reports_a_user_error_one_way(build, tmp_path, image_cache):
+    """The container's command on a run whose --layers match nothing: its error record, exit 2,
+    and the host's one line."""
     info = tmp_path / "image.json"
     info.write_text(json.dumps(IMAGE_RECORD))
-
-    class Preparer(measurement.LocalExecutor):  # prepares, then spoils the layer list
-        def run(self, folder, module=measurement.CHILD, args=()):
-            status, tail = super().run(folder, module, args)
-            spec = RunSpec.read(folder / protocol.SPEC_FILE)
-            spec.replace(layer_names=["conv9"]).write(folder / protocol.SPEC_FILE)
-            return status, tail
-    executor = docker_route.ContainerExecutor(IMAGE, 1, Preparer(build, 1),
-                                              NativeEngine(build, info))
-    with pytest.raises(UserError, match=r"^the prepared net has no convolution layer "
-                                                 r"conv9; prepare the run again"):
-        measurement.measure(small_options().run_spec(1), executor, tmp_path / "run")
-    assert protocol.read_error(tmp_path / "run").startswith("the prepared net has no")
+    executor = docker_route.ContainerExecutor(IMAGE, 1, NativeEngine(build, info),
+                                              cache=image_cache / "docker" / "x")
+    spec = small_options(layers="conv9").run_spec(1)
+    with pytest.raises(UserError, match=r"^--layers 'conv9' matches no convolution layer"):
+        measurement.measure(spec, executor, tmp_path / "run")
+    assert protocol.read_error(tmp_path / "run").startswith("--layers 'conv9' matches no")
 
 
-def test_bench_docker_end_to_end_on_a_native_stand_in_engine(build, tmp_path, monkeypatch):
-    """./inv bench --docker's host side as the task runs it (bench.run_benchmark with an image),
-    the engine answering with the container's command run natively: a complete results folder
-    whose software record describes the image."""
+def test_bench_docker_end_to_end_on_a_native_stand_in_engine(build, tmp_path, monkeypatch,
+                                                             image_cache):
+    """./inv bench --docker's host side as the task runs it (bench.run_benchmark with an image
+    and no build), the engine answering with the container's command run natively: a complete
+    results folder whose software record describes the image."""
     info = tmp_path / "image.json"
     info.write_text(json.dumps(IMAGE_RECORD))
     engine = NativeEngine(build, info)
     monkeypatch.setattr(docker_route, "client", lambda: engine)
     monkeypatch.setenv("SPARSE_CAFFE_RESULTS", str(tmp_path / "results"))
-    final = bench.run_benchmark(build, small_options(), IMAGE)
+    monkeypatch.setenv("SPARSE_CAFFE_CACHE", str(image_cache))
+    final = bench.run_benchmark(None, small_options(), IMAGE)
     results = json.loads((final / "results.json").read_text())
     assert final.name.startswith("caffenet-synthetic-") and (final / "results.csv").is_file()
     assert sorted(p.name for p in final.iterdir()) == sorted(
@@ -157,4 +174,5 @@ def test_bench_docker_end_to_end_on_a_native_stand_in_engine(build, tmp_path, mo
     assert software["patch_series_sha256"] == "p" * 64
     assert [layer["name"] for layer in results["layers"]] == ["conv3", "conv5"]
     assert results["weights"]["kind"] == "synthetic" and results["weights"]["sha256"]
+    assert results["weights"]["path"].startswith(str(docker_route.container_cache(IMAGE)))
     assert len(engine.commands) == 1

@@ -46,6 +46,14 @@ def atomic_path(path):
             os.unlink(tmp)
 
 
+def remove_if_present(path):
+    """Remove a file if it is there (Path.unlink(missing_ok=True), which Python 3.6 lacks)."""
+    try:
+        os.unlink(str(path))
+    except FileNotFoundError:
+        pass
+
+
 def atomic_write_text(path, text):
     with atomic_path(path) as tmp:
         with open(str(tmp), "w") as f:

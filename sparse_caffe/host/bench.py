@@ -5,8 +5,9 @@ plots). It is assembled under a hidden temporary name and renamed into place onl
 so a failed or interrupted run leaves nothing behind.
 
 The raw result comes from the one measurement entry point, sparse_caffe.host.measurement.measure,
-with a local pycaffe executor, or with the container executor of the Docker route (the run is
-prepared by the native pycaffe and timed in a container of the image); the rest is the same.
+with a local pycaffe executor, or with the container executor of the Docker route (the whole
+run, preparation included, in a container of the image: no native build needed); the rest is the
+same.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from .. import machine
 from . import docker_route, measurement, report
-from ..inside.protocol import RunSpec
+from ..inside.protocol import WEIGHT_KEYWORDS, RunSpec
 from ..models import memory, nets
 from ..patching import series
 from . import run as run_stage
@@ -95,9 +96,6 @@ class BenchOptions:
                        layers=self.layers, transform=self.transform, fc_path=self.fc_path,
                        pytorch=self.pytorch, cache_dir=str(cache_dir()), auto_path=AUTO_PATH,
                        **more)
-
-
-WEIGHT_KEYWORDS = ("auto", "skimcaffe", "synthetic", "pruned", "unpruned")
 
 
 def user_weights(text: str) -> str:
@@ -191,14 +189,18 @@ def check_docker(options: BenchOptions, blas: str) -> None:
     if options.pytorch:
         raise UserError("--pytorch does not work with --docker (the image's Python 3.6 has no "
                         "PyTorch): run the baseline natively, without --docker")
+    if options.net == "resnet50-1by2":
+        raise UserError("--net resnet50-1by2 does not work with --docker: its net and weights are "
+                        "converted from Yahoo's open_nsfw ONNX package, which needs Python >= 3.9 "
+                        "(the image has 3.6); run it natively, without --docker")
     check_backend_blas(options.backend, blas, "image")
 
 
-def executor(build: Build, threads: int, image: docker_route.Image | None = None):
-    """Who runs the measurement child: the build's pycaffe, or a container of `image` (the run
-    prepared by the build's pycaffe first)."""
-    local = measurement.LocalExecutor(build, threads)
-    return local if image is None else docker_route.ContainerExecutor(image, threads, local)
+def executor(build: Build | None, threads: int, image: docker_route.Image | None = None):
+    """Who runs the measurement child: the build's pycaffe, or a container of `image`."""
+    if image is not None:
+        return docker_route.ContainerExecutor(image, threads)
+    return measurement.LocalExecutor(build, threads)
 
 
 def check_memory(build: Build, options: BenchOptions, threads: int) -> None:
@@ -265,9 +267,10 @@ def remove_stale_partials(results: Path) -> list[Path]:
     return removed
 
 
-def run_benchmark(build: Build, options: BenchOptions,
+def run_benchmark(build: Build | None, options: BenchOptions,
                   image: docker_route.Image | None = None) -> Path:
-    """Run the benchmark (natively, or timed in a container of `image`) into a new folder."""
+    """Run the benchmark into a new folder: natively with `build`, or, given `image`, in a
+    container of it (then `build` is not used: None)."""
     if image is not None:
         check_docker(options, image.blas)
     else:
@@ -276,7 +279,8 @@ def run_benchmark(build: Build, options: BenchOptions,
     runs = results_folder()
     for folder in remove_stale_partials(runs):
         print(f"removed {folder}, left by an interrupted run", file=sys.stderr)
-    check_memory(build, options, threads)
+    if image is None:  # the estimate needs a pycaffe; a container's own failure says it instead
+        check_memory(build, options, threads)
     if options.pytorch:
         ensure_torch()
     run_stage.warn_oversubscribed(threads)

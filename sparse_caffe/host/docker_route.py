@@ -6,11 +6,11 @@ benchmarks timed in a container of it. Talks to the engine through the Docker SD
   arguments, streaming the build's log; the image is tagged sparse-caffe:<patch series hash[:12]>
   (-mkl for an MKL image), so a checkout finds the image of its own series.
 - `./inv bench --docker` measures through the one measurement entry point
-  (sparse_caffe.host.measurement) with its container executor: the run is prepared on the host (a
-  "prepare" RunSpec through the native pycaffe: the net as built, its weights, the images) and
-  measured in a container of that image (`python3 -m sparse_caffe.inside.child`, the one
-  measurement child), the run's folder mounted and the container running as the host user, so
-  what it writes belongs to that user; results.json records the image.
+  (sparse_caffe.host.measurement) with its container executor: a container of that image runs
+  the one measurement child (`python3 -m sparse_caffe.inside.child`) on the same "net" RunSpec a
+  native run gets, and builds the weights, images and net with the image's own pycaffe; the
+  host needs no build. The run's folder and the image's cache folder are mounted, the container
+  runs as the host user, so what it writes belongs to that user; results.json records the image.
 - No engine, or no network inside the build: one line saying so and pointing to the native build.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from ..patching.config import CAFFE, PATCHES_DIR, PROJECT_ROOT, BuildOptions, ca
 from ..errors import UserError
 from . import measurement
 from ..inside import protocol
+from ..models import weights as weights_stage
+from ..models.images import IMAGE_SUFFIXES
 from .measurement import thread_env
 from ..terminal import say
 
@@ -39,7 +42,11 @@ DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
 MAX_CONTEXT_BYTES = 1 << 20
 # Inside the image (docker/Dockerfile).
 CONTAINER_RUN_DIR = "/workspace/run"
+CONTAINER_CACHE_DIR = "/workspace/cache"
 IMAGE_INFO = "/opt/sparse-caffe/image.json"
+# A --weights file and a --images folder's image files, copied into the run folder.
+STAGED_WEIGHTS = "weights.caffemodel"
+STAGED_IMAGES = "images"
 
 ENGINE_ERROR = "engine error:"
 NATIVE = "use the native build instead (./inv build, and ./inv bench without --docker)"
@@ -209,16 +216,21 @@ def container_command() -> list[str]:
             "--image-info", IMAGE_INFO]
 
 
-def run_measurement(image: Image, folder: Path, threads: int, engine=None) -> int:
+def run_measurement(image: Image, folder: Path, threads: int, engine=None,
+                    cache: Path | None = None) -> int:
     """Run the measurement child on the run folder `folder` in a container of `image`: the
-    folder is mounted at CONTAINER_RUN_DIR, the container runs as this user, its output streams
-    to the terminal; the child leaves raw.json (or error.json) in the folder. The container is
-    removed afterwards (and on Ctrl-C). Returns its exit status. `engine`: a client of the Docker
-    engine (default: the running engine's)."""
+    folder is mounted at CONTAINER_RUN_DIR and `cache` (default: container_cache(image)) at
+    CONTAINER_CACHE_DIR, the container runs as this user, its output streams to the terminal;
+    the child leaves raw.json (or error.json) in the folder. The container is removed afterwards
+    (and on Ctrl-C). Returns its exit status. `engine`: a client of the Docker engine (default:
+    the running engine's)."""
     engine = engine or client()
+    cache = cache or container_cache(image)
+    cache.mkdir(parents=True, exist_ok=True)
     container = engine.containers.create(
         image.id, container_command(),
-        volumes={str(folder.resolve()): {"bind": CONTAINER_RUN_DIR, "mode": "rw"}},
+        volumes={str(folder.resolve()): {"bind": CONTAINER_RUN_DIR, "mode": "rw"},
+                 str(cache.resolve()): {"bind": CONTAINER_CACHE_DIR, "mode": "rw"}},
         user=f"{os.getuid()}:{os.getgid()}", working_dir="/workspace",
         environment={**thread_env(threads), "HOME": "/tmp"})
     try:
@@ -231,28 +243,71 @@ def run_measurement(image: Image, folder: Path, threads: int, engine=None) -> in
         container.remove(force=True)
 
 
-class ContainerExecutor:
-    """The measurement executor of the Docker route (see sparse_caffe.host.measurement): runs the
-    one measurement child in a container of `image` (run_measurement) after `preparer` (a
-    measurement.LocalExecutor) has prepared the run folder: the image's Python 3.6 cannot build
-    the nets, weights and images. `engine`: the Docker engine's client (default: the running
-    engine's)."""
+def container_cache(image: Image) -> Path:
+    """The cache the containers of `image` keep between runs (mounted at CONTAINER_CACHE_DIR):
+    the synthetic models the image's own Caffe built (they may differ in the last bits from the
+    native build's, so they are kept apart), the open_nsfw conversion, and SkimCaffe weights
+    linked in from the host's cache."""
+    return cache_dir() / "docker" / image.id.split(":")[-1][:12]
 
-    def __init__(self, image: Image, threads: int, preparer, engine=None):
-        self.image, self.threads, self.preparer, self.engine = image, threads, preparer, engine
+
+class ContainerExecutor:
+    """The measurement executor of the Docker route (see sparse_caffe.host.measurement): the one
+    measurement child runs in a container of `image` on a "net" RunSpec, exactly as natively:
+    the image's pycaffe builds the weights, images and net itself, so the host needs no build.
+    What the container cannot reach is staged first (`prepared`): a --weights file and a
+    --images folder into the run folder, SkimCaffe weights the host fetched into the container's
+    cache; results name the host's files again (`on_host`). `engine`: the Docker engine's client
+    (default: the running engine's)."""
+
+    def __init__(self, image: Image, threads: int, engine=None, cache: Path | None = None):
+        self.image, self.threads, self.engine = image, threads, engine
+        self.cache = cache or container_cache(image)
+        self.renames: dict[str, str] = {}  # container path -> host path, for on_host
 
     def prepared(self, spec: protocol.RunSpec, folder: Path) -> protocol.RunSpec:
-        """The spec's net, weights and images prepared into `folder` by the preparer; the
-        "prepared" RunSpec it wrote there."""
-        measurement.run_child(self.preparer, folder, spec.replace(kind="prepare"),
-                              "preparing the run for the container", expect_result=False)
-        return protocol.RunSpec.read(folder / protocol.SPEC_FILE)
+        """`spec` as the container sees it: its cache, and the user's files staged where the
+        container finds them."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.renames = {CONTAINER_CACHE_DIR: str(self.cache)}
+        changes = {"cache_dir": CONTAINER_CACHE_DIR}
+        if spec.weights not in protocol.WEIGHT_KEYWORDS:  # a .caffemodel's absolute path
+            staged = folder / STAGED_WEIGHTS
+            shutil.copyfile(spec.weights, staged)
+            changes["weights"] = f"{CONTAINER_RUN_DIR}/{STAGED_WEIGHTS}"
+            self.renames[changes["weights"]] = spec.weights
+        elif spec.weights in ("auto", "skimcaffe") and spec.net in weights_stage.SKIMCAFFE:
+            weights_stage.copy_cached(spec.net, Path(spec.cache_dir or cache_dir()), self.cache)
+        if isinstance(spec.images, str):  # a folder of the user's: its image files
+            staged = folder / STAGED_IMAGES
+            staged.mkdir()
+            for path in sorted(Path(spec.images).iterdir()):
+                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                    shutil.copyfile(path, staged / path.name)
+            changes["images"] = f"{CONTAINER_RUN_DIR}/{STAGED_IMAGES}"
+            self.renames[changes["images"]] = spec.images
+        return spec.replace(**changes)
+
+    def on_host(self, raw: protocol.RawResult) -> protocol.RawResult:
+        """`raw` with the container's paths of the weights and images replaced by the host's."""
+        def host(path):
+            for inside, outside in self.renames.items():
+                if isinstance(path, str) and (path == inside or path.startswith(inside + "/")):
+                    return outside + path[len(inside):]
+            return path
+        weights, images = raw.weights, raw.images
+        if weights is not None:
+            weights = weights.replace(path=host(weights.path), license=host(weights.license))
+        if images and "sources" in images:
+            images = dict(images, sources=[host(source) for source in images["sources"]])
+        return raw.replace(weights=weights, images=images)
 
     def run(self, folder: Path, module: str = measurement.CHILD,
             args: tuple = ()) -> tuple[int, str]:
         if module != measurement.CHILD or args:
             raise UserError(f"the container runs only the measurement child, not {module}")
-        return run_measurement(self.image, folder, self.threads, self.engine), ""
+        return run_measurement(self.image, folder, self.threads, self.engine, self.cache), ""
 
 
 def software_info(image: Image, environment: dict) -> dict:

@@ -8,9 +8,9 @@ contract (sparse_caffe.inside.protocol):
 
 - LocalExecutor (here): a pycaffe subprocess of a native build;
 - docker_route.ContainerExecutor: a container of the Docker route's image, the run folder
-  mounted into it. The image's Python 3.6 cannot build the nets, weights and
-  images, so the container executor has them prepared first by its `preparer` (a "prepare"
-  RunSpec through a LocalExecutor) and then measures the prepared folder.
+  mounted into it; the image's pycaffe builds the nets, weights and images as the native one
+  does, so the host needs no build. It stages the user's files into the run folder first
+  (`prepared`) and names them as the host knows them in the result (`on_host`).
 
 The other children (tune, check-baseline's plain loop, the memory probe) end the same way and
 are run through `run_child`.
@@ -63,7 +63,10 @@ class LocalExecutor:
         self.build, self.threads, self.extra_env, self.capture = build, threads, extra_env, capture
 
     def prepared(self, spec: protocol.RunSpec, folder: Path) -> protocol.RunSpec:
-        return spec  # pycaffe here prepares and measures in one child
+        return spec  # the child reads the host's files where they are
+
+    def on_host(self, raw: protocol.RawResult) -> protocol.RawResult:
+        return raw
 
     def run(self, folder: Path, module: str = CHILD, args: tuple = ()) -> tuple[int, str]:
         """Run `python -m sparse_caffe.<module> folder args`; (exit status, stderr's tail)."""
@@ -101,7 +104,7 @@ def measure(spec: protocol.RunSpec, executor, folder: Path,
     """The one measurement entry point: `spec` measured by `executor` in the run folder
     `folder`; its RawResult (validated), or one UserError line."""
     spec = executor.prepared(spec, folder)
-    return protocol.RawResult.from_json(run_child(executor, folder, spec, what))
+    return executor.on_host(protocol.RawResult.from_json(run_child(executor, folder, spec, what)))
 
 
 def layer_table(record: dict) -> str:

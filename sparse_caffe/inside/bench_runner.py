@@ -1,33 +1,28 @@
-"""Inside pycaffe: the runner of a "net" RunSpec (prepare the net, then measure it) and of a
-"prepare" one (only prepare a run folder for the Docker image's "prepared" runner).
+"""Inside pycaffe: the runner of a "net" RunSpec (prepare the net, then measure it).
 
-Started by the one measurement child, sparse_caffe.inside.child, in a subprocess whose PYTHONPATH
-names the build and whose environment fixes the threads. Everything that needs Caffe happens
-here; statistics, files and plots happen in the parent.
+Started by the one measurement child, sparse_caffe.inside.child: natively in a subprocess whose
+PYTHONPATH names the build, or in a container of the Docker image; the environment fixes the
+threads. Everything that needs Caffe happens here; statistics, files and plots happen on the host.
 
 Preparing a run (weights, images, the net as built) is sparse_caffe.inside.prepare; timing it is
-sparse_caffe.inside.measure, which the Docker image runs on its own on a prepared folder.
-"""
-from __future__ import annotations
+sparse_caffe.inside.measure. The PyTorch and ONNX Runtime baselines (sparse_caffe.inside.baselines)
+are imported only when the spec asks for them: the image has neither.
 
+Python-3.6-clean: it runs in the image.
+"""
 import os
 import statistics
 import time
-from pathlib import Path
+from typing import List, Optional
 
-import numpy as np
-
-from . import baselines, measure, protocol
+from . import measure, protocol
 from ..models import images as images_stage
 from ..models.nets import conv_geometry
 from .prepare import prepare
 
 
-def run(spec: protocol.RunSpec, folder: str, caffe) -> protocol.RawResult | None:
-    """What sparse_caffe.inside.child runs for a "net" or a "prepare" RunSpec."""
-    if spec.kind == "prepare":
-        export(caffe, spec, Path(folder))
-        return None
+def run(spec: protocol.RunSpec, folder: str, caffe) -> Optional[protocol.RawResult]:
+    """What sparse_caffe.inside.child runs for a "net" RunSpec."""
     net, net_text, layers, weights, images = prepare(caffe, spec)
     feeds = list(images_stage.batches(images, spec.batch,
                                       measure.feed_count(spec, images.count)))
@@ -38,15 +33,16 @@ def run(spec: protocol.RunSpec, folder: str, caffe) -> protocol.RawResult | None
                               measured["reference"], spec)
                if spec.pytorch else None)
     raw = measure.raw_result(caffe, net, layers, measured, weights, images.describe(), pytorch,
-                             blas)
+                             blas).replace(environment=measure.environment())
     if spec.pytorch:
+        from . import baselines
         raw = raw.replace(baselines=baselines.measure_whole_net(
             caffe, net, net_text, feeds, images.count, spec,
             caffe_rows(caffe, measured, spec, layers)))
     return raw
 
 
-def caffe_rows(caffe, measured: dict, spec: dict, layers: list[str]) -> dict:
+def caffe_rows(caffe, measured: dict, spec: dict, layers: List[str]) -> dict:
     """Caffe's whole-net configurations timed in the baselines' rounds: dense, the per-layer plan
     when the run made one, and auto when the run measured it (decided by then: its calibration
     ran in the warm-up) ({name: () -> None, switching the net to it})."""
@@ -70,20 +66,7 @@ def caffe_rows(caffe, measured: dict, spec: dict, layers: list[str]) -> dict:
     return rows
 
 
-def export(caffe, spec: protocol.RunSpec, folder: Path) -> None:
-    """A prepared run folder for the "prepared" runner (sparse_caffe.inside.measure.run) in the
-    Docker image: the net as built here (BatchNorm folded, ReLUs fused, as for a native run), its
-    weights, the preprocessed images, and in place of the spec the "prepared" RunSpec with the
-    layers to time and the weights' and images' records."""
-    net, net_text, layers, weights, images = prepare(caffe, spec)
-    (folder / protocol.DEPLOY_FILE).write_text(net_text)
-    net.save(str(folder / protocol.WEIGHTS_FILE))
-    np.save(folder / protocol.IMAGES_FILE, np.ascontiguousarray(images.data, dtype=np.float32))
-    spec.replace(kind="prepared", layer_names=layers, weights_info=weights,
-                 images_info=images.describe()).write(folder / protocol.SPEC_FILE)
-
-
-def torch_baseline(caffe, net, net_text: str, layers: list[str], inputs: dict, outputs: dict,
+def torch_baseline(caffe, net, net_text: str, layers: List[str], inputs: dict, outputs: dict,
                    spec: dict) -> dict:
     """The same layers, weights and inputs (per layer one array per bottom: the input, and with
     fused_residual the residual) through PyTorch's CPU convolution (dense), same threads and

@@ -6,13 +6,12 @@ Docker image, where RUN_DIR is the mounted run folder. It reads RUN_DIR/spec.jso
 does what its kind says, and ends the one way every child ends (protocol.end_child): the
 RawResult in RUN_DIR/raw.json and exit 0, or an error record in RUN_DIR/error.json and exit 2.
 
-The kinds and their runners (each `run(spec, folder, caffe)`, returning a RawResult or None):
-  net       sparse_caffe.inside.bench_runner: prepare the net natively, then measure it
-  prepare   sparse_caffe.inside.bench_runner: only prepare a folder for a "prepared" run
-  prepared  sparse_caffe.inside.measure: measure a prepared folder (what the container runs)
+The kinds and their runners (each `run(spec, folder, caffe)`, returning a RawResult):
+  net       sparse_caffe.inside.bench_runner: prepare the net (weights, images, the net as
+            built), then measure it; natively and in the container alike
   layer     sparse_caffe.inside.layer_bench: one synthetic layer on every path
-Runners are imported by name when their kind is asked for: the Docker image ships only this
-module, protocol and measure (Python 3.6); the others need the host's Python and packages.
+Runners are imported by name when their kind is asked for: the Docker image ships the net
+runner and what it imports (Python 3.6); the others need the host's Python and packages.
 
 Python-3.6-clean: it runs in the image.
 """
@@ -24,17 +23,16 @@ import sys
 from ..errors import UserError
 from . import protocol
 
-RUNNERS = {"net": "sparse_caffe.inside.bench_runner", "prepare": "sparse_caffe.inside.bench_runner",
-           "prepared": "sparse_caffe.inside.measure", "layer": "sparse_caffe.inside.layer_bench"}
+RUNNERS = {"net": "sparse_caffe.inside.bench_runner", "layer": "sparse_caffe.inside.layer_bench"}
 
 
 def run(folder, image_info=None):
-    """Do what RUN_DIR/spec.json asks; returns the RawResult (None for "prepare")."""
+    """Do what RUN_DIR/spec.json asks; returns its RawResult."""
     spec = protocol.RunSpec.read("{}/{}".format(folder, protocol.SPEC_FILE))
     try:
         runner = importlib.import_module(RUNNERS[spec.kind])
     except ImportError as exc:
-        raise UserError("a {!r} run needs {} ({}); here only prepared runs can be measured".format(
+        raise UserError("a {!r} run needs {} ({}), which is not here".format(
             spec.kind, RUNNERS[spec.kind], exc))
     import caffe
     caffe.set_mode_cpu()

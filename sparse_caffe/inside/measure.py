@@ -1,16 +1,12 @@
 """The measurement core: every forward path of a loaded net, timed layer by layer and whole.
 
-It runs in two places, so it stays small and runs on Python 3.6:
-  - inside pycaffe on the host, called by sparse_caffe.inside.bench_runner (the native route) and
-    sparse_caffe.inside.layer_bench (one layer), both through `rotated_rounds`;
-  - inside the Docker image, whose Python is Ubuntu 18.04's 3.6, as the runner of a "prepared"
-    RunSpec (`run`), started by the one child main, sparse_caffe.inside.child, on a run folder
-    holding the net as built, its weights and the preprocessed images; the host derives the
-    results from its RawResult exactly as for a native run.
-So: no `from __future__ import annotations`, no dataclasses, no walrus, no f-string `=`, nothing
-newer than 3.6 from the standard library (tests/test_docker.py checks this with vermin), and only
-numpy calls that Ubuntu 18.04's numpy 1.13 has. Imports only the standard library, numpy, pycaffe
-(passed in) and the package modules the image ships (tests/test_docker.py checks which).
+Called inside pycaffe by sparse_caffe.inside.bench_runner (a net) and
+sparse_caffe.inside.layer_bench (one layer), both through `rotated_rounds`, natively or in a
+container of the Docker image, whose Python is Ubuntu 18.04's 3.6. So: no `from __future__ import
+annotations`, no walrus, no f-string `=`, nothing newer than 3.6 from the standard library
+(tests/test_docker.py checks the image's files with vermin), and only numpy calls that the image's
+numpy (requirements/image.txt) has. Imports only the standard library, numpy, pycaffe (passed in)
+and the package modules the image ships (tests/test_docker.py checks which).
 """
 import ctypes
 import os
@@ -22,7 +18,7 @@ import time
 import numpy as np
 
 from ..errors import UserError
-from ..models.net_layers import convolution_names, layers_of
+from ..models.net_layers import layers_of
 from ..terminal import say
 from . import protocol
 
@@ -47,13 +43,6 @@ COUNTER_KEYS = ("calls", "input_elements", "input_nonzeros", "dense_macs", "usef
 def feed_count(spec, image_count):
     """How many batches a run feeds: one per measured forward, and every image at least once."""
     return max(spec.repeats, -(-image_count // spec.batch))
-
-
-def batches(data, batch, count):
-    """`count` arrays of exactly `batch` images of `data` (N, ...), cycling through it: the same
-    batches as sparse_caffe.models.images.batches."""
-    total = len(data)
-    return [data[[(index * batch + i) % total for i in range(batch)]] for index in range(count)]
 
 
 def loaded_libraries():
@@ -513,25 +502,3 @@ def environment():
     return {"executable": sys.executable, "version": sys.version.split()[0],
             "numpy": np.__version__, "protobuf": google.protobuf.__version__,
             "compiler": compiler}
-
-
-def run(spec, folder, caffe):
-    """The runner of a "prepared" RunSpec (sparse_caffe.inside.child): measure the net as built,
-    its weights and images that `folder` holds (protocol's DEPLOY_FILE, WEIGHTS_FILE,
-    IMAGES_FILE); the RawResult, with this process's software under "environment"."""
-    net = caffe.Net(os.path.join(folder, protocol.DEPLOY_FILE),
-                    os.path.join(folder, protocol.WEIGHTS_FILE), caffe.TEST)
-    convolutions = convolution_names(net)
-    layers = spec.layer_names
-    unknown = [name for name in layers if name not in convolutions]
-    if unknown or not layers:
-        raise UserError("the prepared net has no convolution layer {}; prepare the run again "
-                        "with ./inv bench --docker".format(", ".join(unknown) or "(none given)"))
-    data = np.load(os.path.join(folder, protocol.IMAGES_FILE))
-    feeds = batches(data, spec.batch, feed_count(spec, len(data)))
-    net.blobs["data"].data[...] = feeds[0]
-    blas = checked_blas_runtime(net, int(os.environ.get("OMP_NUM_THREADS", "1")))
-    measured = measure_paths(caffe, net, layers, feeds, len(data), spec)
-    raw = raw_result(caffe, net, layers, measured, spec.weights_info, spec.images_info, None,
-                     blas)
-    return raw.replace(environment=environment())

@@ -2,11 +2,12 @@
 on one (bench_runner, tune_runner, plain_forward, rss_probe, the sparsity report): which weights
 (and what they are), the images, the net as built (BatchNorm folded, ReLUs fused), the
 convolutions to time.
-"""
-from __future__ import annotations
 
+Python-3.6-clean: the Docker image runs it (tests/test_docker.py checks).
+"""
 import tempfile
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 
@@ -117,7 +118,7 @@ def build_net(caffe, spec: RunSpec, caffe_source: Path, weights: WeightsRecord, 
     return net, text
 
 
-def conv_layers(net, pattern: str | None) -> list[str]:
+def conv_layers(net, pattern: Optional[str]) -> List[str]:
     import re
     names = convolution_names(net)
     if pattern:

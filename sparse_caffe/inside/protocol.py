@@ -15,18 +15,14 @@ import os
 
 from ..errors import UserError
 
-SCHEMA = 1  # bump when a record changes shape
+SCHEMA = 2  # bump when a record changes shape (2: no "prepare"/"prepared" kinds)
 
 # A run folder: the host writes SPEC_FILE; the child writes RAW_FILE, or ERROR_FILE and exits
-# ERROR_EXIT. A prepared run (kind "prepared", the Docker route) also holds the net as built,
-# its weights and the preprocessed images.
+# ERROR_EXIT.
 SPEC_FILE = "spec.json"
 RAW_FILE = "raw.json"
 ERROR_FILE = "error.json"
 ERROR_EXIT = 2
-DEPLOY_FILE = "deploy.prototxt"
-WEIGHTS_FILE = "weights.caffemodel"
-IMAGES_FILE = "images.npy"
 
 
 class RecordError(UserError):
@@ -184,25 +180,29 @@ class WeightsRecord(Record):
               Field("target_input_zeros", (dict, type(None)), None))
 
 
+# A RunSpec's weights: one of these, or a .caffemodel's absolute path. auto: SkimCaffe's if
+# cached, else the synthetic default (open_nsfw pruned for resnet50-1by2); pruned and unpruned:
+# open_nsfw (resnet50-1by2 only).
+WEIGHT_KEYWORDS = ("auto", "skimcaffe", "synthetic", "pruned", "unpruned")
+
+
 # What a RunSpec asks the child to do, and the keys each kind needs beyond the defaults.
 KINDS = {
-    "net": ("net",),            # prepare the net natively, then measure it (./inv bench)
-    "prepare": ("net",),        # only prepare: the net as built, weights, images, into the folder
-    "prepared": ("layer_names", "weights_info", "images_info"),  # measure a prepared folder
+    "net": ("net",),            # prepare the net, then measure it (./inv bench, natively or
+                                # in a container)
     "layer": ("shape",),        # one synthetic layer on every path (./inv bench-layer)
     "tune": ("net", "prototxt_out", "caffemodel_out", "prototxt_header"),  # ./inv tune
 }
 
 
 class RunSpec(Record):
-    """What one measurement runs: the net, its weights and images, the paths, the rounds; for a
-    prepared folder the layers to time and the weights' and images' records; for one layer its
-    shape and sparsity; for tune where the deploy prototxt and weights go. The other children
+    """What one measurement runs: the net, its weights and images, the paths, the rounds; for one
+    layer its shape and sparsity; for tune where the deploy prototxt and weights go. The other children
     run on a pycaffe net (check-baseline's plain loop, the memory probe) read a "net" RunSpec."""
 
     __slots__ = ("kind", "net", "weights", "paths", "backend", "batch", "threads", "images",
                  "repeats", "warmup", "layers", "transform", "fc_path", "pytorch", "cache_dir",
-                 "auto_path", "layer_names", "weights_info", "images_info", "shape",
+                 "auto_path", "shape",
                  "weight_zeros", "input_zeros", "seed", "prototxt_out", "caffemodel_out",
                  "prototxt_header")
     WHAT = "the run spec"
@@ -223,9 +223,6 @@ class RunSpec(Record):
         Field("pytorch", bool, False),
         Field("cache_dir", (str, type(None)), None),
         Field("auto_path", (str, type(None)), None),
-        Field("layer_names", (list, type(None)), None),
-        Field("weights_info", (WeightsRecord, type(None)), None),
-        Field("images_info", (dict, type(None)), None),
         Field("shape", (str, type(None)), None),
         Field("weight_zeros", float, 0.98),
         Field("input_zeros", float, 0.5),

@@ -13,14 +13,14 @@ takes it, then `caffe.io.Transformer`: HWC -> CHW, RGB -> BGR, x 255, minus the 
 
 Reading is pure Python (PIL, scikit-image); only the preprocessing imports pycaffe, so reading
 errors (no such folder, nothing readable) are reported before pycaffe is needed.
-"""
-from __future__ import annotations
 
+Python-3.6-clean: the Docker image runs it (tests/test_docker.py checks).
+"""
 import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -57,7 +57,7 @@ def _motorcycle(index: int) -> Callable[[], np.ndarray]:
 # scenes these nets are trained on; colorwheel and logo (graphics); camera, coins, moon, grass,
 # gravel, brick, page, text (grey-scale); horse, microaneurysms, lfw_subset (binary, tiny or
 # grey); eagle, lily, kidney and the other images skimage fetches from the internet (not shipped).
-SHIPPED_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
+SHIPPED_PHOTOS: Dict[str, Callable[[], np.ndarray]] = {
     "astronaut": _skimage_data("astronaut"),
     "chelsea": _skimage_data("chelsea"),
     "coffee": _skimage_data("coffee"),
@@ -81,8 +81,8 @@ class ImageSet:
     """Preprocessed images for one net: (N, 3, S, S) float32 BGR minus the mean, read-only."""
 
     net: str
-    names: tuple[str, ...]
-    sources: tuple[str, ...]
+    names: Tuple[str, ...]
+    sources: Tuple[str, ...]
     sha256: str  # of the preprocessed batch (shape and float32 bytes): what the net is fed
     data: np.ndarray = field(repr=False, compare=False)
 
@@ -123,7 +123,7 @@ def to_float_rgb(array: np.ndarray) -> np.ndarray:
     return (array.astype(np.float64) / 255.0).astype(np.float32)
 
 
-def shipped_photos(count: int | None = None) -> list[RawImage]:
+def shipped_photos(count: Optional[int] = None) -> List[RawImage]:
     """The first `count` of SHIPPED_PHOTOS (all if None), read from scikit-image's wheel."""
     available = len(SHIPPED_PHOTOS)
     if count is None:
@@ -193,7 +193,7 @@ def _sixteen_bit_rgb(array: np.ndarray) -> np.ndarray:
     return np.repeat(grey[:, :, np.newaxis], 3, axis=2)
 
 
-def read_folder(folder: Path) -> list[RawImage]:
+def read_folder(folder: Path) -> List[RawImage]:
     """Every image file directly in `folder` (by suffix, sorted by name), read; an unreadable one
     is skipped with a one-line warning on stderr. UserError if the folder is missing, holds no
     image file, or none of them can be read."""
@@ -222,7 +222,7 @@ def read_folder(folder: Path) -> list[RawImage]:
     return images
 
 
-def read_images(source: None | int | Path) -> list[RawImage]:
+def read_images(source: Union[None, int, Path]) -> List[RawImage]:
     """None: all shipped photographs; an int N: the first N of them; a Path: a folder's images."""
     if source is None or isinstance(source, int):
         return shipped_photos(source)
@@ -243,7 +243,7 @@ def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top:top + size, left:left + size]
 
 
-def preprocess(images: list[RawImage], info: NetInfo) -> np.ndarray:
+def preprocess(images: List[RawImage], info: NetInfo) -> np.ndarray:
     """float32 (N, 3, S, S) for the net: caffe.io.resize_image to 256 x 256, centre crop,
     caffe.io.Transformer (CHW, BGR, x 255, minus the mean)."""
     _caffe()
@@ -261,7 +261,7 @@ def preprocess(images: list[RawImage], info: NetInfo) -> np.ndarray:
     return out
 
 
-def load_images(net_name: str, source: None | int | Path = None) -> ImageSet:
+def load_images(net_name: str, source: Union[None, int, Path] = None) -> ImageSet:
     """Images for `net_name`, preprocessed: None = all shipped photographs, an int N = the first
     N of them, a Path = every readable image in that folder (sorted by file name)."""
     info = net_info(net_name)
@@ -273,7 +273,7 @@ def load_images(net_name: str, source: None | int | Path = None) -> ImageSet:
                     data=data)
 
 
-def batches(images: ImageSet, batch: int, count: int | None = None) -> Iterator[np.ndarray]:
+def batches(images: ImageSet, batch: int, count: Optional[int] = None) -> Iterator[np.ndarray]:
     """Arrays of exactly `batch` images for a net with that fixed batch size, cycling through the
     set: by default ceil(N / batch) of them (every image at least once; the last is topped up from
     the start); with `count`, that many, the cycle continuing across them."""
@@ -289,7 +289,7 @@ def batches(images: ImageSet, batch: int, count: int | None = None) -> Iterator[
         yield images.data[[(start + i) % total for i in range(batch)]]
 
 
-def fed_counts(images: ImageSet, batch: int, count: int | None = None) -> list[int]:
+def fed_counts(images: ImageSet, batch: int, count: Optional[int] = None) -> List[int]:
     """How many times `batches(images, batch, count)` feeds each image (1 each when batch
     divides N and count is the default)."""
     fed = [0] * images.count

@@ -9,13 +9,14 @@ BatchNorm/Scale (and optionally a ReLU) into the convolution before them.
 pycaffe is imported inside the functions that need it, so this module imports where Caffe is absent.
 Nets go around as prototxt text; weights as {layer name: [blob arrays]}, as a caffe.Net's params.
 `fold_batchnorm` is numpy and protobuf only (pycaffe's caffe_pb2, which has our convolution fields).
-"""
-from __future__ import annotations
 
+Python-3.6-clean: the Docker image runs it (tests/test_docker.py checks).
+"""
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class NetInfo:
 
     name: str
     input_size: int
-    mean_bgr: tuple[float, float, float]
+    mean_bgr: Tuple[float, float, float]
 
 
 NETS = {
@@ -166,7 +167,7 @@ def resnet50_deploy(batch: int) -> str:
 
 # ----------------------------------------------------------------------------- nets and weights
 
-def load_net(text: str, weights: dict | None = None):
+def load_net(text: str, weights: Optional[dict] = None):
     """A TEST-phase caffe.Net from prototxt text, with `weights` (if given) copied in.
 
     The text is checked as a NetParameter here; a net Caffe cannot build (a wrong bottom, say)
@@ -198,15 +199,15 @@ def load_net(text: str, weights: dict | None = None):
     return net
 
 
-def net_weights(net) -> dict[str, list[np.ndarray]]:
+def net_weights(net) -> Dict[str, List[np.ndarray]]:
     """A copy of a caffe.Net's parameters: {layer name: [blob arrays]}, in layer order."""
     return {name: [blob.data.copy() for blob in blobs] for name, blobs in net.params.items()}
 
 
 # ----------------------------------------------------------------------------- the deploy transform
 
-def fold_batchnorm(net_param_text: str, weights: dict[str, list[np.ndarray]],
-                   fuse_relu: bool = False) -> tuple[str, dict[str, list[np.ndarray]]]:
+def fold_batchnorm(net_param_text: str, weights: Dict[str, List[np.ndarray]],
+                   fuse_relu: bool = False) -> Tuple[str, Dict[str, List[np.ndarray]]]:
     """Fold every BatchNorm (and the Scale after it) into the Convolution it follows.
 
     A Convolution whose output only a BatchNorm reads (and that BatchNorm's only a Scale, if there
@@ -294,7 +295,7 @@ def _fuse_residual_sums(layers: list) -> list:
     return layers
 
 
-def _residual_conv(layers: list, i: int) -> int | None:
+def _residual_conv(layers: list, i: int) -> Optional[int]:
     """The index of the convolution that layer i (an Eltwise SUM) can go into, or None."""
     total = layers[i]
     if not (_plain_sum(total) and len(total.bottom) == 2
@@ -335,11 +336,11 @@ def _absorb_relu(layers: list, i: int) -> bool:
     return True
 
 
-def _readers(layers) -> dict[int, list[int]]:
+def _readers(layers) -> Dict[int, List[int]]:
     """For each layer, the layers that read what it wrote (a blob name's latest writer before
     the reader), once per bottom."""
-    last_writer: dict[str, int] = {}
-    readers: dict[int, list[int]] = defaultdict(list)
+    last_writer: Dict[str, int] = {}
+    readers: Dict[int, List[int]] = defaultdict(list)
     for j, layer in enumerate(layers):
         for bottom in layer.bottom:
             if bottom in last_writer:
@@ -349,7 +350,7 @@ def _readers(layers) -> dict[int, list[int]]:
     return readers
 
 
-def _sole_reader(layers, i: int) -> int | None:
+def _sole_reader(layers, i: int) -> Optional[int]:
     """The one layer that reads layer i's output, if exactly one layer reads it, once."""
     readers = _readers(layers)[i]
     return readers[0] if len(readers) == 1 else None
@@ -400,7 +401,7 @@ def _fusable_relu(layer) -> bool:
     return _single(layer, "ReLU") and layer.relu_param.negative_slope == 0
 
 
-def _blobs(weights, layer, counts: tuple[int, ...]) -> list[np.ndarray]:
+def _blobs(weights, layer, counts: Tuple[int, ...]) -> List[np.ndarray]:
     if layer.name not in weights:
         raise UserError(f"no weights for layer {layer.name!r}")
     blobs = weights[layer.name]
@@ -411,7 +412,7 @@ def _blobs(weights, layer, counts: tuple[int, ...]) -> list[np.ndarray]:
     return [np.asarray(blob, np.float64) for blob in blobs]
 
 
-def _folded(conv, bn, scale, weights) -> list[np.ndarray]:
+def _folded(conv, bn, scale, weights) -> List[np.ndarray]:
     """The convolution's weights and bias with the BatchNorm (and Scale) folded in."""
     conv_blobs = _blobs(weights, conv, (1, 2))
     w = conv_blobs[0]
@@ -446,7 +447,7 @@ def _folded(conv, bn, scale, weights) -> list[np.ndarray]:
     return [new_w, new_b]
 
 
-def hw_pair(values, h: int, w: int, default: int) -> tuple[int, int]:
+def hw_pair(values, h: int, w: int, default: int) -> Tuple[int, int]:
     """Caffe's (h, w) of a spatial setting: the _h/_w fields when set, else the repeated field
     (one value for both, or one per axis), else the default."""
     if h or w:

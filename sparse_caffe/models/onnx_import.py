@@ -24,13 +24,15 @@ skimcaffe_resnet50_profile() is SkimCaffe's pruned ResNet-50 sparsity by ResNet 
 model_license() is the package's LICENSE and NOTICE as installed, which travel with anything built
 from the weights (nothing of the model is copied here). onnx and onnxruntime are imported inside
 the functions that read a model, pycaffe inside those that need Caffe.
-"""
-from __future__ import annotations
 
+Python-3.6-clean: the Docker image ships it, as zoo imports it; the conversion itself needs
+onnx and Python >= 3.9, so bench --docker refuses resnet50-1by2 (tests/test_docker.py).
+"""
 import fnmatch
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -60,7 +62,7 @@ class Conversion:
     ONNX input `onnx_input` transposed from NHWC to NCHW; its `prob` is the output `onnx_output`."""
 
     prototxt: str
-    weights: dict[str, list[np.ndarray]]
+    weights: Dict[str, List[np.ndarray]]
     onnx_input: str
     onnx_output: str
 
@@ -112,7 +114,7 @@ def _package_dir() -> Path:
 
 # ----------------------------------------------------------------------------- public API
 
-def convert(onnx_path=None, batch: int = 1) -> tuple[str, dict[str, list[np.ndarray]]]:
+def convert(onnx_path=None, batch: int = 1) -> Tuple[str, Dict[str, List[np.ndarray]]]:
     """(prototxt text, weights {layer name: [blob arrays]}) of the ONNX model at onnx_path (the
     installed open_nsfw.onnx if None), with the batch size fixed to `batch`."""
     conversion = convert_onnx(onnx_path, batch)
@@ -127,7 +129,7 @@ def convert_onnx(onnx_path=None, batch: int = 1) -> Conversion:
     return _Mapper(_simplified(model, batch)).run()
 
 
-def write_caffemodel(text: str, weights: dict[str, list[np.ndarray]], path) -> Path:
+def write_caffemodel(text: str, weights: Dict[str, List[np.ndarray]], path) -> Path:
     """Save weights for the net `text` as a binary .caffemodel at path (through pycaffe)."""
     from .nets import load_net
     net, path = load_net(text, weights), Path(path)
@@ -137,7 +139,7 @@ def write_caffemodel(text: str, weights: dict[str, list[np.ndarray]], path) -> P
     return path
 
 
-def load(onnx_path=None, *, batch: int = 1, profile: dict[str, float] | None = None):
+def load(onnx_path=None, *, batch: int = 1, profile: Optional[Dict[str, float]] = None):
     """A TEST-phase caffe.Net of the converted model (open_nsfw if onnx_path is None), its weights
     pruned with `profile` (see prune_to_profile) if one is given."""
     from .nets import load_net
@@ -147,8 +149,8 @@ def load(onnx_path=None, *, batch: int = 1, profile: dict[str, float] | None = N
 
 # ----------------------------------------------------------------------------- pruning
 
-def prune_to_profile(weights: dict[str, list[np.ndarray]], profile: dict[str, float]
-          ) -> dict[str, list[np.ndarray]]:
+def prune_to_profile(weights: Dict[str, List[np.ndarray]], profile: Dict[str, float]
+          ) -> Dict[str, List[np.ndarray]]:
     """New weights in which each layer the profile names has `fraction` of its weight blob (blob
     0; biases stay) zeroed by pruning.prune_blob's rule (least magnitudes first, halves up).
 
@@ -168,7 +170,7 @@ def prune_to_profile(weights: dict[str, list[np.ndarray]], profile: dict[str, fl
     return pruned
 
 
-def skimcaffe_resnet50_profile(text: str) -> dict[str, float]:
+def skimcaffe_resnet50_profile(text: str) -> Dict[str, float]:
     """SkimCaffe's pruned ResNet-50 sparsity for a net with ResNet-50's layer names (prototxt text):
     each bottleneck block's 3x3 convolution resNx_branch2b gets SkimCaffe's fraction of that block,
     `fc` 0.9151; nothing else (conv1, the 1x1 convolutions: dense)."""
@@ -185,14 +187,14 @@ def skimcaffe_resnet50_profile(text: str) -> dict[str, float]:
     return {**profile, "fc": SKIMCAFFE_RESNET50_FC_PERCENT / 100.0}
 
 
-def _profile_fractions(weights, profile) -> dict[str, float]:
+def _profile_fractions(weights, profile) -> Dict[str, float]:
     for key, fraction in profile.items():
         if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                 or not 0.0 <= fraction <= 1.0):
             raise UserError(f"profile entry {key!r}: the fraction of zeros must be in 0..1 "
                             f"(91.5% is 0.915), got {fraction!r}")
-    chosen: dict[str, float] = {}
-    by_pattern: dict[str, tuple[str, float]] = {}
+    chosen: Dict[str, float] = {}
+    by_pattern: Dict[str, Tuple[str, float]] = {}
     for key, fraction in profile.items():
         matched = [name for name in weights if name == key or fnmatch.fnmatchcase(name, key)]
         if not matched:
@@ -277,12 +279,12 @@ class _Mapper:
         self.L, self.P, self.net = caffe.layers, caffe.params, caffe.NetSpec()
         self.graph, self.weights = graph, {}
         self.consts = {t.name: self.onnx.numpy_helper.to_array(t) for t in graph.initializer}
-        self.readers: dict[str, list] = {}
+        self.readers: Dict[str, list] = {}
         for node in graph.node:
             for name in node.input:
                 self.readers.setdefault(name, []).append(node)
-        self.shape: dict[str, tuple[int, ...]] = {}               # Caffe blob -> its shape
-        self.blob: dict[str, tuple[str, tuple[int, ...]]] = {}    # tensor -> (blob, perm):
+        self.shape: Dict[str, Tuple[int, ...]] = {}               # Caffe blob -> its shape
+        self.blob: Dict[str, Tuple[str, Tuple[int, ...]]] = {}    # tensor -> (blob, perm):
         #                                                           tensor = blob.transpose(perm)
 
     def run(self) -> Conversion:
@@ -367,7 +369,7 @@ class _Mapper:
 
     # --------------------------------------------------------------------- the patterns
 
-    def _pads(self, node, mode: str) -> list[tuple[int, int]]:
+    def _pads(self, node, mode: str) -> List[Tuple[int, int]]:
         """A Pad's (before, after) on H and W, checked to be `mode` (constant: zeros) there only."""
         pads = [int(p) for p in self._const(node, 1)]
         value = self._const(node, 2).item() if len(node.input) > 2 and node.input[2] else 0.0
@@ -413,7 +415,7 @@ class _Mapper:
                   num_output=len(w), bias_term=True, kernel_size=k, **geometry)
         return self._relu(tensor, f"{name}_relu") if relu else tensor
 
-    def _affine(self, tensor: str) -> tuple[list[tuple[str, np.ndarray]], str]:
+    def _affine(self, tensor: str) -> Tuple[List[Tuple[str, np.ndarray]], str]:
         """The chain of Add/Sub/Mul by a constant that follows tensor (a convolution's output),
         as (op, one float64 per channel), and the tensor after it (each gets tensor's blob)."""
         chain, blob = [], self.blob[tensor][0]

@@ -4,9 +4,9 @@ Every pruned blob in the project (the synthetic models, open_nsfw pruned to Skim
 bench-layer's synthetic layer) goes through prune_blob: for a blob of n entries,
 zero_count(n, fraction) = floor(fraction * n + 0.5) entries of least magnitude become zero, ties
 broken by position (the earlier flat index first); entries that were zero already count.
-"""
-from __future__ import annotations
 
+Python-3.6-clean: the Docker image runs it (tests/test_docker.py checks).
+"""
 import math
 from types import MappingProxyType
 from typing import Mapping

@@ -59,9 +59,9 @@ Files: `<cache>/synthetic/<net>-synthetic-seed<S>-profile<P>-images<I>-v<CODE_VE
 calibrated with (batch = number of images; any batch size loads the same weights). Written to a
 temporary name and renamed, under a lock on the folder. The same seed, profile, images, code
 version and Caffe build give the same bytes (the calibration runs Caffe's own forward pass).
-"""
-from __future__ import annotations
 
+Python-3.6-clean: the Docker image runs it (tests/test_docker.py checks).
+"""
 import hashlib
 import json
 import math
@@ -69,12 +69,11 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from . import nets, zoo
-from ..patching.config import cache_dir
 from ..errors import UserError
 from .images import ImageSet, load_images
 from .net_layers import layers_of
@@ -100,7 +99,7 @@ PARAM_TYPES = ("Convolution", "InnerProduct")
 class DepthProfile:
     """Target fraction of zeros at each site, piecewise linear in depth (0 first site, 1 last)."""
 
-    points: tuple[tuple[float, float], ...]
+    points: Tuple[Tuple[float, float], ...]
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -133,8 +132,8 @@ class Site:
     control: str                 # the Convolution / InnerProduct whose output (after BN) it is
     stage: str
     depth: float
-    pools: tuple[tuple[int, int, int], ...]  # max pools (kernel, stride, pad) after the ReLU
-    shortcut: str | None         # the other bottom of an Eltwise sum before the ReLU
+    pools: Tuple[Tuple[int, int, int], ...]  # max pools (kernel, stride, pad) after the ReLU
+    shortcut: Optional[str]         # the other bottom of an Eltwise sum before the ReLU
 
 
 @dataclass(frozen=True)
@@ -152,7 +151,7 @@ class SyntheticModel:
     target_input_zeros: dict     # layer -> target fraction of zeros of its input (if a site)
     input_zeros: dict            # layer -> measured fraction of zeros of its input
     weight_zeros_pct: dict       # layer -> % of its weights that are zero
-    images: tuple[str, ...]      # sources of the calibration images
+    images: Tuple[str, ...]      # sources of the calibration images
     images_sha256: str
     code_version: int
     build_seconds: float
@@ -180,8 +179,8 @@ class _Layer:
     index: int
     name: str
     type: str
-    bottoms: tuple[str, ...]
-    tops: tuple[str, ...]
+    bottoms: Tuple[str, ...]
+    tops: Tuple[str, ...]
     proto: object
 
 
@@ -190,12 +189,12 @@ class _Unit:
     """A layer with weights, the BatchNorm and Scale on its output (if any), and its site."""
 
     layer: _Layer
-    bn: _Layer | None
-    scale: _Layer | None
-    site: Site | None
+    bn: Optional[_Layer]
+    scale: Optional[_Layer]
+    site: Optional[Site]
 
 
-def _layers(net_param, net=None) -> list[_Layer]:
+def _layers(net_param, net=None) -> List[_Layer]:
     """The layers of a NetParameter, or, given the caffe.Net built from it, the net's own layers
     (which include the Split layers Caffe inserts where a blob has several readers; they share
     their bottom's data and have no proto)."""
@@ -211,9 +210,9 @@ def _layers(net_param, net=None) -> list[_Layer]:
     return layers
 
 
-def _split_sources(layers: list[_Layer]) -> dict[str, str]:
+def _split_sources(layers: List[_Layer]) -> Dict[str, str]:
     """Each Split top -> the blob it shares its data with."""
-    sources: dict[str, str] = {}
+    sources: Dict[str, str] = {}
     for layer in layers:
         if layer.type == "Split":
             for top in layer.tops:
@@ -230,7 +229,7 @@ def _stage(control: str) -> str:
     return f"res{match.group(1)}" if match else control
 
 
-def _chain(layers: list[_Layer], k: int, blob: str) -> tuple[str, tuple[tuple[int, int, int], ...]]:
+def _chain(layers: List[_Layer], k: int, blob: str) -> Tuple[str, Tuple[Tuple[int, int, int], ...]]:
     """Follow a ReLU's output through layers that keep zeros zeros and non-zeros non-zero in the
     same places as a max over them (max pooling, LRN, dropout at test time)."""
     pools = []
@@ -250,7 +249,7 @@ def _chain(layers: list[_Layer], k: int, blob: str) -> tuple[str, tuple[tuple[in
     return blob, tuple(pools)
 
 
-def _units(layers: list[_Layer]) -> list[_Unit]:
+def _units(layers: List[_Layer]) -> List[_Unit]:
     """Every layer with weights, in order, with its BatchNorm/Scale and the site it controls."""
     units, sites = [], []
     for layer in layers:
@@ -291,12 +290,12 @@ def _units(layers: list[_Layer]) -> list[_Unit]:
     return resolved
 
 
-def sites(net_text: str) -> list[Site]:
+def sites(net_text: str) -> List[Site]:
     """The sites of a net (prototxt text), in network order."""
     return [unit.site for unit in _units(_layers(nets.parse_net(net_text))) if unit.site]
 
 
-def resolve_profile(profile: Profile | None, net_sites: list[Site]) -> dict[str, float]:
+def resolve_profile(profile: Optional[Profile], net_sites: List[Site]) -> Dict[str, float]:
     """Target fraction of zeros for each site blob; UserError for a mapping that does not fit."""
     profile = DEFAULT_PROFILE if profile is None else profile
     if isinstance(profile, Mapping):
@@ -319,7 +318,7 @@ def resolve_profile(profile: Profile | None, net_sites: list[Site]) -> dict[str,
     return targets
 
 
-def describe_profile(profile: Profile | None) -> str:
+def describe_profile(profile: Optional[Profile]) -> str:
     profile = DEFAULT_PROFILE if profile is None else profile
     if isinstance(profile, DepthProfile):
         return profile.describe() + (" (default)" if profile == DEFAULT_PROFILE else "")
@@ -380,7 +379,7 @@ def thresholds(values: np.ndarray, target: float) -> np.ndarray:
     return np.where(k == count, rows.max(axis=1) + 1.0, out)
 
 
-def he_normal(shape: tuple[int, ...], seed: int, index: int) -> np.ndarray:
+def he_normal(shape: Tuple[int, ...], seed: int, index: int) -> np.ndarray:
     fan_in = int(np.prod(shape[1:]))
     rng = np.random.default_rng([seed, index])
     return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(np.float32)
@@ -402,13 +401,14 @@ def synthetic_dir(cache_root: Path) -> Path:
     return Path(cache_root) / "synthetic"
 
 
-def synthetic_model(net_name: str, cache_root: Path | None = None, *, seed: int = 0,
-                    profile: Profile | None = None, images: ImageSet | None = None,
-                    caffe_source: Path | None = None) -> SyntheticModel:
+def synthetic_model(net_name: str, cache_root: Path, *, seed: int = 0,
+                    profile: Optional[Profile] = None, images: Optional[ImageSet] = None,
+                    caffe_source: Optional[Path] = None) -> SyntheticModel:
     """The synthetic model for `net_name`: reused from `<cache_root>/synthetic/` if built before
     with the same seed, profile, images and code version, else built there (see the module doc).
 
-    cache_root: default config.cache_dir(); images: default all shipped photographs;
+    cache_root: the cache folder (the caller's: the host's, or the container's); images: default
+    all shipped photographs;
     caffe_source: the Caffe tree (for CaffeNet's deploy), default the one of the imported pycaffe.
     """
     info = nets.net_info(net_name)
@@ -430,7 +430,7 @@ def synthetic_model(net_name: str, cache_root: Path | None = None, *, seed: int 
     profile_sha = _sha256_text(json.dumps(sorted(targets.items())))
     stem = (f"{info.name}-synthetic-seed{seed}-profile{profile_sha[:10]}-"
             f"images{images.sha256[:10]}-v{CODE_VERSION}")
-    folder = synthetic_dir(cache_dir() if cache_root is None else cache_root).resolve()
+    folder = synthetic_dir(cache_root).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         found = _cached(folder, stem)
@@ -439,7 +439,7 @@ def synthetic_model(net_name: str, cache_root: Path | None = None, *, seed: int 
         return _build(folder, stem, info.name, text, seed, profile, targets, profile_sha, images)
 
 
-def cached_synthetic(path: Path) -> SyntheticModel | None:
+def cached_synthetic(path: Path) -> Optional[SyntheticModel]:
     """The descriptor of a synthetic .caffemodel if its sidecar vouches for it (SHA-256
     re-checked), else None: how a report tells a synthetic model from real weights."""
     path = Path(path).resolve()
@@ -448,7 +448,7 @@ def cached_synthetic(path: Path) -> SyntheticModel | None:
     return _cached(path.parent, path.stem)
 
 
-def _cached(folder: Path, stem: str) -> SyntheticModel | None:
+def _cached(folder: Path, stem: str) -> Optional[SyntheticModel]:
     model, sidecar = folder / f"{stem}.caffemodel", folder / f"{stem}.json"
     try:
         data = json.loads(sidecar.read_text())
@@ -464,7 +464,7 @@ def _cached(folder: Path, stem: str) -> SyntheticModel | None:
 
 
 def _build(folder: Path, stem: str, net_name: str, text: str, seed: int, profile,
-           targets: dict[str, float], profile_sha: str, images: ImageSet) -> SyntheticModel:
+           targets: Dict[str, float], profile_sha: str, images: ImageSet) -> SyntheticModel:
     started = time.perf_counter()
     net = nets.load_net(text)
     layers = _layers(nets.parse_net(text), net)
@@ -501,7 +501,7 @@ def _build(folder: Path, stem: str, net_name: str, text: str, seed: int, profile
     return found
 
 
-def _initialise(net, units: list[_Unit], table: Mapping[str, float], seed: int) -> None:
+def _initialise(net, units: List[_Unit], table: Mapping[str, float], seed: int) -> None:
     """He-normal weights pruned to the table, zero biases, identity BatchNorm and Scale."""
     for unit in units:
         blobs = net.params[unit.layer.name]
@@ -518,7 +518,7 @@ def _initialise(net, units: list[_Unit], table: Mapping[str, float], seed: int) 
             gamma.data[...], beta.data[...] = 1, 0
 
 
-def _calibrate(net, layers: list[_Layer], units: list[_Unit], targets: dict[str, float]) -> None:
+def _calibrate(net, layers: List[_Layer], units: List[_Unit], targets: Dict[str, float]) -> None:
     """Set BatchNorm/Scale (or the rescaled weights and bias) of each unit in order (module doc).
     `ran` is the index of the first layer whose output is not final yet."""
     names = [layer.name for layer in layers]
@@ -557,7 +557,7 @@ def _calibrate(net, layers: list[_Layer], units: list[_Unit], targets: dict[str,
     net.forward(start=names[ran])
 
 
-def _site_thresholds(net, site: Site, u: np.ndarray, targets: dict[str, float]) -> np.ndarray:
+def _site_thresholds(net, site: Site, u: np.ndarray, targets: Dict[str, float]) -> np.ndarray:
     values = u if site.shortcut is None else u + net.blobs[site.shortcut].data
     for kernel, stride, pad in site.pools:
         values = max_pool(values, kernel, stride, pad)
@@ -566,7 +566,7 @@ def _site_thresholds(net, site: Site, u: np.ndarray, targets: dict[str, float]) 
 
 
 
-def measured_sparsity(net) -> dict[str, float]:
+def measured_sparsity(net) -> Dict[str, float]:
     """Fraction of zeros of each Convolution / InnerProduct input blob of a net after a forward."""
     out = {}
     for name, _ in layers_of(net, PARAM_TYPES):

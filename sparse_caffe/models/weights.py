@@ -15,24 +15,25 @@ Two ways in:
 Nothing partial or unverified is ever left in the cache: downloads go to a .part file and the
 decompression to a temporary name, both removed on any failure; only verified files are renamed
 into place.
-"""
-from __future__ import annotations
 
+Python-3.6-clean: the Docker image runs it (tests/test_docker.py checks).
+"""
 import bz2
 import hashlib
 import http.client
 import json
 import os
+import shutil
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict, Optional
 
 from ..errors import UserError
-from ..files import atomic_path, atomic_write_json, file_sha256, folder_lock
+from ..files import atomic_path, atomic_write_json, file_sha256, folder_lock, remove_if_present
 
 SKIMCAFFE_COMMIT = "2f66b5a95329a478db3097849f2a6a74d74bb5eb"
 RAW_BASE_URL = f"https://raw.githubusercontent.com/IntelLabs/SkimCaffe/{SKIMCAFFE_COMMIT}"
@@ -57,7 +58,7 @@ class PrunedWeights:
     description: str
     path: str          # inside the SkimCaffe repository: a .caffemodel.bz2
     blob_id: str       # git blob id of that .bz2 at SKIMCAFFE_COMMIT
-    top1: float | None  # ImageNet top-1 accuracy SkimCaffe reports for it (None: not recorded)
+    top1: Optional[float]  # ImageNet top-1 accuracy SkimCaffe reports for it (None: not recorded)
     pruned: bool       # False: a dense model (no zero weights), refused unless asked for
 
     def __post_init__(self) -> None:
@@ -75,7 +76,7 @@ class PrunedWeights:
         return f"{base_url.rstrip('/')}/{urllib.parse.quote(self.path)}"
 
 
-SKIMCAFFE: dict[str, PrunedWeights] = {
+SKIMCAFFE: Dict[str, PrunedWeights] = {
     "caffenet": PrunedWeights(
         net="caffenet",
         description="SkimCaffe's pruned CaffeNet (AlexNet variant), top-1 0.5748",
@@ -140,14 +141,36 @@ def git_blob_id(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cached(net: str, cache_root: Path, *, allow_dense: bool = False) -> Path | None:
+def cached(net: str, cache_root: Path, *, allow_dense: bool = False) -> Optional[Path]:
     """The verified decompressed file for net if the cache holds one (SHA-256 re-checked), else None."""
     entry = weights_entry(net, allow_dense=allow_dense)
     return _verified(entry, weights_dir(cache_root))
 
 
+def copy_cached(net: str, cache_root: Path, to_root: Path) -> Optional[Path]:
+    """The verified file for net from the cache `cache_root`, with its record, put into the cache
+    `to_root` (linked where the two share a file system, else copied), so that `cached(net,
+    to_root)` finds it there; None if `cache_root` holds none. The Docker route gives a
+    container's own cache what the host has fetched."""
+    entry = weights_entry(net)
+    found = _verified(entry, weights_dir(cache_root))
+    if found is None:
+        return None
+    folder = weights_dir(to_root)
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder):
+        if _verified(entry, folder) is None:
+            for source in (found, _sidecar(found.parent, entry)):  # the file, then its record
+                with atomic_path(folder / source.name) as partial:
+                    try:
+                        os.link(source, partial)
+                    except OSError:
+                        shutil.copyfile(source, partial)
+    return folder / entry.file_name
+
+
 def fetch(net: str, cache_root: Path, *, base_url: str = RAW_BASE_URL, allow_dense: bool = False,
-          timeout: float = 30, progress: Progress | None = None) -> Path:
+          timeout: float = 30, progress: Optional[Progress] = None) -> Path:
     """Return `<cache_root>/weights/<net>.caffemodel`, verified; download it only if needed."""
     entry = weights_entry(net, allow_dense=allow_dense)
     folder = weights_dir(cache_root)
@@ -170,7 +193,7 @@ def fetch(net: str, cache_root: Path, *, base_url: str = RAW_BASE_URL, allow_den
                                 f"hand and pass it with --weights PATH")
             return _install(entry, part, folder, source=url)
         finally:
-            part.unlink(missing_ok=True)
+            remove_if_present(part)
 
 
 def place(net: str, file: Path, cache_root: Path, allow_dense: bool = False) -> Path:
@@ -223,7 +246,7 @@ def _place_plain(entry: PrunedWeights, file: Path, folder: Path) -> Path:
     return dest
 
 
-def _download(url: str, part: Path, timeout: float, progress: Progress | None) -> None:
+def _download(url: str, part: Path, timeout: float, progress: Optional[Progress]) -> None:
     internet = (f"the SkimCaffe weights need the internet; download {url} on a machine with internet "
                 f"and pass it with --weights PATH (checked the same way); without them the benchmark "
                 f"uses the offline synthetic default model")
@@ -272,7 +295,7 @@ def _install(entry: PrunedWeights, bz2_file: Path, folder: Path, *, source: str)
         except (OSError, EOFError, ValueError) as exc:
             raise UserError(f"{source}: not a complete bzip2 file ({exc}); nothing was kept; "
                             f"download it again from {entry.url()}") from None
-        _sidecar(folder, entry).unlink(missing_ok=True)  # before the new file is in place
+        remove_if_present(_sidecar(folder, entry))  # before the new file is in place
     atomic_write_json(_sidecar(folder, entry), {
         "net": entry.net, "path": entry.path, "skimcaffe_commit": SKIMCAFFE_COMMIT,
         "blob_id": entry.blob_id, "sha256": digest.hexdigest(), "size": dest.stat().st_size,
@@ -285,7 +308,7 @@ def _sidecar(folder: Path, entry: PrunedWeights) -> Path:
     return folder / f"{entry.file_name}{SIDECAR_SUFFIX}"
 
 
-def _read_sidecar(entry: PrunedWeights, folder: Path) -> dict | None:
+def _read_sidecar(entry: PrunedWeights, folder: Path) -> Optional[dict]:
     """The record of a verified decompression of exactly this blob, or None."""
     try:
         record = json.loads(_sidecar(folder, entry).read_text())
@@ -297,7 +320,7 @@ def _read_sidecar(entry: PrunedWeights, folder: Path) -> dict | None:
     return record
 
 
-def _verified(entry: PrunedWeights, folder: Path) -> Path | None:
+def _verified(entry: PrunedWeights, folder: Path) -> Optional[Path]:
     record = _read_sidecar(entry, folder)
     dest = folder / entry.file_name
     if record is None or not dest.is_file():
@@ -316,4 +339,4 @@ def _is_bzip2(path: Path) -> bool:
 
 
 __all__ = ["SKIMCAFFE", "SKIMCAFFE_COMMIT", "RAW_BASE_URL", "PrunedWeights", "weights_entry",
-           "weights_dir", "git_blob_id", "cached", "fetch", "place"]
+           "weights_dir", "git_blob_id", "cached", "copy_cached", "fetch", "place"]

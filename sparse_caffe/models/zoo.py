@@ -2,9 +2,9 @@
 
 CaffeNet's is the Caffe tree's, ResNet-50's is generated (nets), resnet50-1by2's is converted from
 Yahoo's open_nsfw (onnx_import, which builds on nets: so this table lives above both).
-"""
-from __future__ import annotations
 
+Python-3.6-clean: the Docker image runs it (tests/test_docker.py checks).
+"""
 from pathlib import Path
 
 from . import nets, onnx_import
