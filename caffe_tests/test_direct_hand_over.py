@@ -1,4 +1,5 @@
-"""direct hands its output over in its consumer's own layout (patch 13).
+"""direct hands its output over in its consumer's own layout (patch 13), and a onednn producer its
+output in a direct consumer's padded input layout (patch 14).
 
 A onednn layer whose primitive reads a layout with a pixel's channels side by side (channels last
 or blocked, as oneDNN picks), or a direct layer (its zero-padded input), asks its producer for that
@@ -106,6 +107,31 @@ def test_the_onednn_consumer_takes_directs_output_without_a_reorder(caffe, make_
     caffe.set_conv_forward_path("onednn", "f")
     assert handed_over(caffe, net)["f"] == 0
     assert handed_over(caffe, net)["f"] == batch
+
+
+def test_direct_takes_a_onednn_producers_output_in_its_padded_layout(caffe, make_net,
+                                                                     paths, profiling):  # noqa: F811
+    """a (onednn) writes c's padded input (patch 14): c asks in its first forward and takes it
+    from the second on, with no padding copy; every blob stays dense's; reading a's NCHW copy
+    ends the hand-over for a while (a writes NCHW, c copies), a change of paths at once."""
+    onednn_or_skip(caffe)
+    net = make_net(chain(caffe))
+    load(net)
+    use(caffe, {})
+    net.forward()
+    dense = blobs(net, ("pool", "f", "c", "a"))
+    use(caffe, HANDED)
+    batch = SHAPE[0]
+    assert [handed_over(caffe, net)["c"] for _ in range(3)] == [0, batch, batch]
+    assert_same(blobs(net, ("pool", "f", "c")), {k: dense[k] for k in ("pool", "f", "c")})
+    net.blobs["a"].data.copy()  # a reader makes a's pending copy into NCHW
+    assert handed_over(caffe, net)["c"] == 0  # a writes NCHW now, c copies it
+    assert_same(blobs(net), dense)
+    caffe.set_conv_forward_path("dense", "c")  # another path: the request goes with it
+    net.forward()
+    caffe.set_conv_forward_path("direct", "c")
+    assert [handed_over(caffe, net)["c"] for _ in range(2)] == [0, batch]
+    assert_same(blobs(net, ("pool", "f", "c")), {k: dense[k] for k in ("pool", "f", "c")})
 
 
 @pytest.mark.parametrize("batches", [(2, 1, 3)], ids=["shrink-grow"])

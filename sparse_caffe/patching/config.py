@@ -467,12 +467,27 @@ PATCH_SERIES: tuple[PatchSpec, ...] = (
         (
             "include/caffe/syncedmem.hpp",
             "src/caffe/syncedmem.cpp",
+            "include/caffe/util/laid_out_output.hpp",
             "src/caffe/util/onednn_conv.cpp",
             "include/caffe/util/auto_path.hpp",
             "include/caffe/layers/base_conv_layer.hpp",
             "src/caffe/layers/base_conv_layer.cpp",
             "src/caffe/layers/conv_layer.cpp",
             "src/caffe/test/test_convolution_layer.cpp",
+        ),
+    ),
+    PatchSpec(
+        14, "onednn-padded-hand-over",
+        "onednn hands its output over in a direct consumer's padded input layout (ResNet's\n"
+        "branch2a -> branch2b): the consumer's request (SyncedMemory::want_layout, as in patch 13)\n"
+        "for a plain layout with zeros between rows and planes is met by the reorder out of the\n"
+        "primitive's layout, which writes the padded places (a strided oneDNN memory over a buffer\n"
+        "of the producer's, zero elsewhere) in place of Caffe's NCHW; the copy into NCHW stays\n"
+        "pending with the top blob, and direct takes the buffer as its input: no padding copy.\n"
+        "Reading the NCHW copy ends it as for the other hand-overs; one top and no residual left\n"
+        "to the caller only.",
+        (
+            "src/caffe/util/onednn_conv.cpp",
         ),
     ),
 )
