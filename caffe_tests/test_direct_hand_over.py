@@ -124,8 +124,10 @@ def test_direct_takes_a_onednn_producers_output_in_its_padded_layout(caffe, make
     batch = SHAPE[0]
     assert [handed_over(caffe, net)["c"] for _ in range(3)] == [0, batch, batch]
     assert_same(blobs(net, ("pool", "f", "c")), {k: dense[k] for k in ("pool", "f", "c")})
-    net.blobs["a"].data.copy()  # a reader makes a's pending copy into NCHW
-    assert handed_over(caffe, net)["c"] == 0  # a writes NCHW now, c copies it
+    # A reader makes a's pending copy into NCHW: a writes NCHW for the next 8 forwards (c copies
+    # it), then tries again.
+    net.blobs["a"].data.copy()
+    assert [handed_over(caffe, net)["c"] for _ in range(9)] == [0] * 8 + [batch]
     assert_same(blobs(net), dense)
     caffe.set_conv_forward_path("dense", "c")  # another path: the request goes with it
     net.forward()
