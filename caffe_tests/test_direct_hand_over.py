@@ -99,12 +99,15 @@ def test_the_onednn_consumer_takes_directs_output_without_a_reorder(caffe, make_
     net.blobs["c"].data.copy()
     assert handed_over(caffe, net)["f"] == 0
     assert handed_over(caffe, net)["f"] == batch
-    # f on another path stops asking: c writes NCHW from the next forward on, and f back on
-    # onednn gets its layout only after asking again (a request belongs to the paths it was made
-    # under).
+    # f on another path: c writes NCHW (f's request belongs to the paths it was made under).
+    # With those paths back, the request made under them holds again: f gets its layout at once,
+    # as in a benchmark's rounds (ForwardPathSelector::paths_in_force).
     caffe.set_conv_forward_path("dense", "f")
     net.forward()
     caffe.set_conv_forward_path("onednn", "f")
+    assert handed_over(caffe, net)["f"] == batch
+    # Under paths never seen before (f on onednn with another back end set), f asks first.
+    caffe.set_conv_sparse_backend("openmp", "f")
     assert handed_over(caffe, net)["f"] == 0
     assert handed_over(caffe, net)["f"] == batch
 
@@ -129,8 +132,10 @@ def test_direct_takes_a_onednn_producers_output_in_its_padded_layout(caffe, make
     net.blobs["a"].data.copy()
     assert [handed_over(caffe, net)["c"] for _ in range(9)] == [0] * 8 + [batch]
     assert_same(blobs(net), dense)
-    caffe.set_conv_forward_path("dense", "c")  # another path: the request goes with it
-    net.forward()
+    # c on another path reads a's NCHW copy (made from a's blocked hand-over), which forgets
+    # c's request: back on direct, c asks again first.
+    caffe.set_conv_forward_path("dense", "c")
+    assert handed_over(caffe, net)["c"] == 0
     caffe.set_conv_forward_path("direct", "c")
     assert [handed_over(caffe, net)["c"] for _ in range(2)] == [0, batch]
     assert_same(blobs(net, ("pool", "f", "c")), {k: dense[k] for k in ("pool", "f", "c")})
