@@ -83,12 +83,15 @@ HANDED_OVER = "handed over"
 def measure_all(caffe, net, candidates, warmup: int, repeats: int, dense_out, fed_net=None):
     """Time every (path, backend[, HANDED_OVER]) of `candidates` side by side: warm-up forwards
     each, then `repeats` of measure's rotated rounds (measure.rotated_rounds, as a net's paths),
-    in which every candidate runs one profiled forward (the phase breakdown) and then one
-    unprofiled forward (the time), as measure.measure_paths does per path. A HANDED_OVER one
-    runs in `fed_net`, `feed` on direct: after one forward in which conv asks feed for its
-    layout, its profiled forward is the whole net's (feed hands conv its input), its timed one
-    conv's alone (on the input feed left it). Returns one record
-    per candidate, in order, and the first candidate's profile (the layer's counters)."""
+    in which every candidate runs one settling forward, one profiled forward (the phase
+    breakdown) and then one unprofiled forward (the time). The settling forward brings what the
+    candidate reads back into the caches after the other candidates' forwards, so the profiled
+    forward runs as the timed one does (and as a layer runs in a net, on an input its producer
+    has just written), and its phase shares are shares of that time; for a HANDED_OVER
+    candidate, which runs in `fed_net` with `feed` on direct, it is also the forward in which
+    conv asks feed for its layout, so that its profiled forward is the whole net's (feed hands
+    conv its input) and its timed one conv's alone (on the input feed left it). Returns one
+    record per candidate, in order, and the first candidate's profile (the layer's counters)."""
     conv_index = list(fed_net._layer_names).index("conv") if fed_net is not None else None
 
     def use(path, backend, *how):
@@ -112,8 +115,7 @@ def measure_all(caffe, net, candidates, warmup: int, repeats: int, dense_out, fe
     counters = {}
     for _, _, candidate in rotated_rounds(candidates, repeats):
         chain = use(*candidate)
-        if chain is not net:  # conv asks feed for its layout under the paths now in force
-            chain.forward()
+        chain.forward()  # settling (see above)
         profile = profiled_forward(caffe, chain.forward)["conv"]
         counters[candidate] = profile
         for phase, seconds in profile["seconds"].items():
