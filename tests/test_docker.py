@@ -523,11 +523,12 @@ def test_bench_docker_measures_through_the_one_entry_point(tmp_path):
 
 
 def test_the_container_gets_the_users_files_and_the_result_names_them_on_the_host(tmp_path):
-    """--weights FILE and --images FOLDER are copied into the run folder (the container sees
-    nothing else of the host's); the result names the user's files again, and the image's
-    cache as the host sees it."""
+    """--weights FILE (with a synthetic model's sidecar and prototxt beside it) and --images
+    FOLDER are copied into the run folder (the container sees nothing else of the host's); the
+    result names the user's files again, and the image's cache as the host sees it."""
     weights = tmp_path / "mine.caffemodel"
-    weights.write_bytes(b"weights")
+    for name in ("mine.caffemodel", "mine.json", "mine.prototxt", "other.json"):
+        (tmp_path / name).write_bytes(name.encode())
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("b.JPG", "a.png", "notes.txt"):
@@ -535,8 +536,9 @@ def test_the_container_gets_the_users_files_and_the_result_names_them_on_the_hos
     inside = "/workspace/run/images"
     raw = protocol.RawResult(
         kind="layer", blas_runtime={}, machine_probe={}, layer={"results": []},
-        weights=WeightsRecord(kind="file", synthetic=False, path="/workspace/run/weights.caffemodel",
-                              sha256="0" * 64, description="weights file weights.caffemodel"),
+        weights=WeightsRecord(kind="synthetic", synthetic=True,
+                              path="/workspace/run/weights/mine.caffemodel", sha256="0" * 64,
+                              description="synthetic caffenet"),
         images={"count": 2, "sources": [f"{inside}/a.png", f"{inside}/b.JPG"]})
     seen = []
     engine = StandInEngine(on_start=container_writes(raw, seen))
@@ -546,9 +548,11 @@ def test_the_container_gets_the_users_files_and_the_result_names_them_on_the_hos
     got = measurement.measure(spec, docker_route.ContainerExecutor(image, 1, engine, cache=cache),
                               tmp_path / "run")
     given, files = seen[0]
-    assert given == spec.replace(weights="/workspace/run/weights.caffemodel", images=inside,
+    assert given == spec.replace(weights="/workspace/run/weights/mine.caffemodel", images=inside,
                                  cache_dir="/workspace/cache")
-    assert files == ["images", "images/a.png", "images/b.JPG", "spec.json", "weights.caffemodel"]
+    assert files == ["images", "images/a.png", "images/b.JPG", "spec.json", "weights",
+                     "weights/mine.caffemodel", "weights/mine.json", "weights/mine.prototxt"]
+    assert (tmp_path / "run" / "weights" / "mine.json").read_bytes() == b"mine.json"
     assert got.weights.path == str(weights)
     assert got.images["sources"] == [str(photos / "a.png"), str(photos / "b.JPG")]
     synthetic = raw.replace(weights=raw.weights.replace(path="/workspace/cache/synthetic/x.caffemodel"))

@@ -44,8 +44,9 @@ MAX_CONTEXT_BYTES = 1 << 20
 CONTAINER_RUN_DIR = "/workspace/run"
 CONTAINER_CACHE_DIR = "/workspace/cache"
 IMAGE_INFO = "/opt/sparse-caffe/image.json"
-# A --weights file and a --images folder's image files, copied into the run folder.
-STAGED_WEIGHTS = "weights.caffemodel"
+# Where a --weights file (with a synthetic model's records beside it) and a --images folder's
+# image files are copied into the run folder.
+STAGED_WEIGHTS = "weights"
 STAGED_IMAGES = "images"
 
 ENGINE_ERROR = "engine error:"
@@ -273,10 +274,16 @@ class ContainerExecutor:
         self.renames = {CONTAINER_CACHE_DIR: str(self.cache)}
         changes = {"cache_dir": CONTAINER_CACHE_DIR}
         if spec.weights not in protocol.WEIGHT_KEYWORDS:  # a .caffemodel's absolute path
+            given = Path(spec.weights)
             staged = folder / STAGED_WEIGHTS
-            shutil.copyfile(spec.weights, staged)
-            changes["weights"] = f"{CONTAINER_RUN_DIR}/{STAGED_WEIGHTS}"
-            self.renames[changes["weights"]] = spec.weights
+            staged.mkdir()
+            # The file under its own name, and a synthetic model's sidecar and prototxt if it
+            # has them (so that the container still knows it for what it is).
+            for path in (given, given.with_suffix(".json"), given.with_suffix(".prototxt")):
+                if path == given or path.is_file():
+                    shutil.copyfile(path, staged / path.name)
+            changes["weights"] = f"{CONTAINER_RUN_DIR}/{STAGED_WEIGHTS}/{given.name}"
+            self.renames[f"{CONTAINER_RUN_DIR}/{STAGED_WEIGHTS}"] = str(given.parent)
         elif spec.weights in ("auto", "skimcaffe") and spec.net in weights_stage.SKIMCAFFE:
             weights_stage.copy_cached(spec.net, Path(spec.cache_dir or cache_dir()), self.cache)
         if isinstance(spec.images, str):  # a folder of the user's: its image files
