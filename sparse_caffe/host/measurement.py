@@ -139,7 +139,7 @@ def layer_table(record: dict) -> str:
                      f"{r['limit_fraction']:>9.2f}{r['max_rel_diff']:>14.1e}{flag}")
     lines.append("input prep: im2col + input2csr (direct: the padded copy); t_min/t: share of the "
                  "limit reached; paths timed in interleaved rounds, each a settling forward, a "
-                 "profiled one (the phases) and an unprofiled (timed) one; (handed over): the input written into the layer's "
-                 "padded layout by its producer, an identity 1x1 convolution on direct (timed: "
+                 "profiled one (the phases) and an unprofiled (timed) one; (handed over): the "
+                 "input written into the layer's padded layout by its producer, an identity 1x1 convolution on direct (timed: "
                  "the layer alone)")
     return "\n".join(lines)

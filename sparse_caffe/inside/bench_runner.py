@@ -13,7 +13,7 @@ Python-3.6-clean: it runs in the image.
 import os
 import statistics
 import time
-from typing import List, Optional
+from typing import List
 
 from . import measure, protocol
 from ..models import images as images_stage
@@ -21,7 +21,7 @@ from ..models.nets import conv_geometry
 from .prepare import prepare
 
 
-def run(spec: protocol.RunSpec, folder: str, caffe) -> Optional[protocol.RawResult]:
+def run(spec: protocol.RunSpec, folder: str, caffe) -> protocol.RawResult:
     """What sparse_caffe.inside.child runs for a "net" RunSpec."""
     net, net_text, layers, weights, images = prepare(caffe, spec)
     feeds = list(images_stage.batches(images, spec.batch,
@@ -33,7 +33,7 @@ def run(spec: protocol.RunSpec, folder: str, caffe) -> Optional[protocol.RawResu
                               measured["reference"], spec)
                if spec.pytorch else None)
     raw = measure.raw_result(caffe, net, layers, measured, weights, images.describe(), pytorch,
-                             blas).replace(environment=measure.environment())
+                             blas)
     if spec.pytorch:
         from . import baselines
         raw = raw.replace(baselines=baselines.measure_whole_net(

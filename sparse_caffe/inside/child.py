@@ -37,10 +37,10 @@ def run(folder, image_info=None):
     import caffe
     caffe.set_mode_cpu()
     result = runner.run(spec, folder, caffe)
-    if result is not None and image_info:
+    if image_info:  # in the image: its software, which results.json reports in place of a build's
+        from .measure import environment
         with open(image_info) as f:
-            environment = dict(result.environment or {}, image=json.load(f))
-        result = result.replace(environment=environment)
+            result = result.replace(environment=dict(environment(), image=json.load(f)))
     return result
 
 

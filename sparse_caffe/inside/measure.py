@@ -5,7 +5,7 @@ sparse_caffe.inside.layer_bench (one layer), both through `rotated_rounds`, nati
 container of the Docker image, whose Python is Ubuntu 18.04's 3.6. So: no `from __future__ import
 annotations`, no walrus, no f-string `=`, nothing newer than 3.6 from the standard library
 (tests/test_docker.py checks the image's files with vermin), and only numpy calls that the image's
-numpy (requirements/image.txt) has. Imports only the standard library, numpy, pycaffe (passed in)
+numpy (docker/requirements-image.txt) has. Imports only the standard library, numpy, pycaffe (passed in)
 and the package modules the image ships (tests/test_docker.py checks which).
 """
 import ctypes
