@@ -141,6 +141,42 @@ def test_direct_takes_a_onednn_producers_output_in_its_padded_layout(caffe, make
     assert_same(blobs(net, ("pool", "f", "c")), {k: dense[k] for k in ("pool", "f", "c")})
 
 
+def test_each_path_setting_keeps_its_request_while_others_run(caffe, make_net, paths,  # noqa: F811
+                                                              profiling):
+    """A benchmark's rounds switch the paths forward by forward (the first, profiled forward
+    of each round is the one its per-layer times come from). c runs direct under HANDED and
+    under `other` (f dense), so it asks a for its padded layout under both, each request kept
+    under its own setting; with all-onednn and all-dense in between, each setting's first
+    forward when it comes back still hands over."""
+    onednn_or_skip(caffe)
+    net = make_net(chain(caffe))
+    load(net)
+    use(caffe, {})
+    net.forward()
+    dense = blobs(net)
+    batch = SHAPE[0]
+    other = dict(HANDED, f="dense")
+    for plan in (HANDED, other):
+        use(caffe, plan)
+        assert [handed_over(caffe, net)["c"] for _ in range(2)] == [0, batch]
+    for _ in range(3):
+        for plan in (HANDED, dict.fromkeys(CONVS, "onednn"), other, {}):
+            use(caffe, plan)
+            assert handed_over(caffe, net)["c"] == (batch if plan else 0)  # (onednn: its own)
+            # (not a: reading its NCHW copy makes its pending write, which forgets every request)
+            assert_same(blobs(net, ("pool", "f", "c")), {k: dense[k] for k in ("pool", "f", "c")})
+    # Reading a's NCHW copy makes the pending write a left under HANDED: HANDED's request is
+    # forgotten (c asks again), `other`'s is not.
+    use(caffe, HANDED)
+    assert handed_over(caffe, net)["c"] == batch
+    assert_same(blobs(net), dense)
+    use(caffe, other)
+    assert handed_over(caffe, net)["c"] == batch
+    use(caffe, HANDED)
+    assert [handed_over(caffe, net)["c"] for _ in range(2)] == [0, batch]
+    assert_same(blobs(net, ("pool", "f", "c")), {k: dense[k] for k in ("pool", "f", "c")})
+
+
 @pytest.mark.parametrize("batches", [(2, 1, 3)], ids=["shrink-grow"])
 def test_reshapes_between_forwards_keep_every_blob_right(caffe, make_net, paths,  # noqa: F811
                                                          batches):
