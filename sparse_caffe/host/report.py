@@ -25,7 +25,8 @@ PHASES = CONV_TEMPLATE_CONFIG.phases
 # One colour per path, in config's order (dense green, spmdm purple, as the seed study drew them).
 PATH_COLOURS = dict(zip(CONV_TEMPLATE_CONFIG.selectable_paths,
                         ("tab:green", "tab:purple", "tab:blue", "tab:orange", "tab:brown",
-                         "tab:cyan", "tab:pink", "tab:olive")))
+                         "tab:cyan", "tab:pink", "tab:olive", "black")))
+assert len(PATH_COLOURS) == len(CONV_TEMPLATE_CONFIG.selectable_paths), "a path has no colour"
 
 
 def stats(values: list[float]) -> dict:
@@ -465,6 +466,7 @@ def table(results: dict) -> str:
 
 LAYERS_PER_ROW = 14  # per-layer charts wrap into rows of this many layers
 TORCH_COLOUR = "tab:gray"
+LEGEND_COLUMNS = 6
 DPI = 110
 
 
@@ -594,9 +596,11 @@ def _per_layer_chart(results: dict, names: list[str], kind: str, path: Path, tit
         what += "; a bar cut at the top of its row is labelled with its value"
     height = fig.get_figheight()
     fig.suptitle(f"{what}\n{title}", fontsize=10, y=1 - 0.05 / height)
-    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+    columns = min(len(handles), LEGEND_COLUMNS)  # (one row of every path ran off the figure)
+    legend_rows = -(-len(handles) // columns)
+    fig.legend(handles=handles, loc="upper center", ncol=columns, fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 1 - 0.5 / height))
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.65 / height))
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 + 0.2 * legend_rows) / height))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
