@@ -321,6 +321,32 @@ def test_whole_net_in_sparse_output_mode_equals_dense(caffe, make_net, backend, 
         assert set(handed.values()) == {0}
 
 
+def test_handed_over_csr_feeds_strided_dilated_and_non_square_consumers(caffe, make_net, backend,
+                                                                        profiling):
+    """sparse_output's CSR lowered for a consumer's taps (stride 2 with dilation 2, a non-square
+    kernel with its own pads, a 1x1): every blob equals dense's, and each consumer took its input
+    handed over."""
+    L = caffe.layers
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 6, 11, 9]))
+    n.p = L.Convolution(n.data, num_output=8, kernel_size=3, pad=1, fused_relu=True)
+    n.s = L.Convolution(n.p, num_output=8, kernel_size=3, stride=2, dilation=2, pad=2,
+                        fused_relu=True)
+    n.r = L.Convolution(n.s, num_output=6, kernel_h=3, kernel_w=2, pad_h=1, pad_w=0,
+                        fused_relu=True)
+    n.o = L.Convolution(n.r, num_output=4, kernel_size=1)
+    net = make_net(str(n.to_proto()))
+    load_sparse_weights(net, 3)
+    dense = forward_all(caffe, net, "dense")
+    caffe.reset_conv_profile()
+    sparse = forward_all(caffe, net, "sparse_output")
+    for name in dense:
+        np.testing.assert_allclose(sparse[name], dense[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    handed = {name: p["inputs_handed_over"] for name, p in caffe.conv_profile().items()
+              if name in ("p", "s", "r", "o")}
+    assert handed == {"p": 0, "s": 2, "r": 2, "o": 2}
+
+
 def test_fused_relu_equals_conv_then_relu(caffe, make_net, backend):
     separate = make_net(stacked_net(caffe, "sep_", fused=False))
     fused = make_net(stacked_net(caffe, "sep_", fused=True))
