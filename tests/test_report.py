@@ -9,14 +9,19 @@ import pytest
 from PIL import Image
 
 from sparse_caffe.host import report
-from sparse_caffe.patching.config import PROJECT_ROOT
+from sparse_caffe.patching.config import CONV_TEMPLATE_CONFIG, PROJECT_ROOT
 
 RUNS = PROJECT_ROOT / "results"
 
 
 def latest_run(net: str) -> dict:
-    """The newest committed reference run of a net (its results.json)."""
-    return json.loads(sorted(RUNS.glob(f"{net}-synthetic-*/results.json"))[-1].read_text())
+    """The newest committed reference run of a net (its results.json) that measured every path:
+    runs of a few paths (--paths) are committed beside them."""
+    for path in sorted(RUNS.glob(f"{net}-synthetic-*/results.json"), reverse=True):
+        results = json.loads(path.read_text())
+        if set(CONV_TEMPLATE_CONFIG.selectable_paths) <= set(results["params"]["paths"]):
+            return results
+    raise AssertionError(f"no committed {net} run measured every path")
 
 
 CAFFENET = latest_run("caffenet")
