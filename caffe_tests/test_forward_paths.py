@@ -300,18 +300,24 @@ def forward_all(caffe, net, path):
     return {name: blob.data.copy() for name, blob in net.blobs.items()}
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_whole_net_in_sparse_output_mode_equals_dense(caffe, make_net, backend, profiling, fused):
-    prefix = f"whole_{backend}_{int(fused)}_"
-    net = make_net(stacked_net(caffe, prefix, fused=fused))
-    load_sparse_weights(net, 1)
+def sparse_output_equals_dense(caffe, net, wanted):
+    """Every blob of `net` under sparse_output equals dense's; returns, per convolution whose
+    name is `wanted`, how many images took their input handed over (profiling on)."""
     dense = forward_all(caffe, net, "dense")
     caffe.reset_conv_profile()
     sparse = forward_all(caffe, net, "sparse_output")
     for name in dense:
         np.testing.assert_allclose(sparse[name], dense[name], rtol=1e-4, atol=1e-4, err_msg=name)
-    handed = {name: p["inputs_handed_over"] for name, p in caffe.conv_profile().items()
-              if name.startswith(prefix)}
+    return {name: p["inputs_handed_over"] for name, p in caffe.conv_profile().items()
+            if wanted(name)}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_whole_net_in_sparse_output_mode_equals_dense(caffe, make_net, backend, profiling, fused):
+    prefix = f"whole_{backend}_{int(fused)}_"
+    net = make_net(stacked_net(caffe, prefix, fused=fused))
+    load_sparse_weights(net, 1)
+    handed = sparse_output_equals_dense(caffe, net, lambda name: name.startswith(prefix))
     if fused:
         # c1 -> a and a -> b read their producer's CSR directly (2 images each); the Eltwise
         # output feeding `out` comes from no convolution, so it is converted afresh.
@@ -337,13 +343,7 @@ def test_handed_over_csr_feeds_strided_dilated_and_non_square_consumers(caffe, m
     n.o = L.Convolution(n.r, num_output=4, kernel_size=1)
     net = make_net(str(n.to_proto()))
     load_sparse_weights(net, 3)
-    dense = forward_all(caffe, net, "dense")
-    caffe.reset_conv_profile()
-    sparse = forward_all(caffe, net, "sparse_output")
-    for name in dense:
-        np.testing.assert_allclose(sparse[name], dense[name], rtol=1e-4, atol=1e-4, err_msg=name)
-    handed = {name: p["inputs_handed_over"] for name, p in caffe.conv_profile().items()
-              if name in ("p", "s", "r", "o")}
+    handed = sparse_output_equals_dense(caffe, net, lambda name: name in ("p", "s", "r", "o"))
     assert handed == {"p": 0, "s": 2, "r": 2, "o": 2}
 
 
